@@ -1,0 +1,1 @@
+"""Model backends: load, warm up and run diffusion pipelines; no HTTP here."""

@@ -1,0 +1,343 @@
+"""The FLUX.2 [klein] backend: load a diffusers `Flux2KleinPipeline`, run text-to-image and edits.
+
+What this module decides, and why:
+
+- **Schedule**: the scheduler is rebuilt without its own shifting and every call passes the explicit
+  sigmas of `pipelines.scheduling`, so the schedule is one visible function of (steps, image size).
+- **cfg_scale**: at 1.0 the negative prompt is never encoded and each step is one transformer pass.
+  Above 1.0 the negative prompt ("" when absent) is encoded and the pipeline runs real
+  classifier-free guidance, two passes per step. The pipeline is loaded with `is_distilled=False`
+  because diffusers otherwise ignores guidance for the step-distilled checkpoint; we keep that
+  choice per request instead (the distilled model was trained without CFG, so `cfg_scale > 1` on it
+  costs twice the compute and tends to over-saturate; the base checkpoint is the one meant for CFG).
+- **Edits at any input size**: the model works near 1 megapixel in multiples of 16 pixels. The input
+  is resized (and letterboxed with its own edge pixels when its aspect ratio exceeds the model's 8:1)
+  to a working size; the result is resized back to exactly the input's size with a Lanczos filter.
+- **text_mode**: aimed at legible rendered text, it changes two things, both observable in
+  `GenerationResult.details`: (1) quoted text in the prompt ("...", “...”, «...», 「...」) is restated
+  at the end of the prompt as text to render verbatim, letter for letter (and without quotes a
+  legibility instruction is added), so the text encoder sees the exact strings twice and the
+  glyph tokens are not lost to truncation in long prompts; (2) edits always work at the full
+  1-megapixel area, upscaling small inputs, so that glyphs get enough pixels to be drawn sharply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.base import BackendInfo, Cancelled, GenerationRequest, GenerationResult, ModelLoadError
+from pipelines.scheduling import flux2_sigmas, image_tokens
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_CLASS = "Flux2KleinPipeline"
+COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# The model's native working area and granularity (VAE factor 8 x 2x2 latent packing).
+WORKING_AREA = 1024 * 1024
+MULTIPLE = 16
+MIN_WORKING_SIDE = 64
+MAX_ASPECT = 8
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to drive one checkpoint family through the pipeline."""
+
+    name: str
+    # Hidden-state layers of the text encoder that form the prompt embedding.
+    text_encoder_out_layers: tuple[int, ...] = (9, 18, 27)
+    max_sequence_length: int = 512
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how the pipeline runs."""
+
+    device: str = "cpu"
+    dtype: str = "fp32"
+    prompt_cache_size: int = 32
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
+
+
+def load_pipeline(path: Path, *, dtype: torch.dtype, device: str):
+    """Load a diffusers-layout Flux2KleinPipeline from a local directory, never from the network.
+
+    The pipeline is loaded with `is_distilled=False`: see the module docstring for why guidance is
+    decided per request here. Returns (pipeline, is_distilled as the checkpoint declares it).
+    """
+    from diffusers import Flux2KleinPipeline
+
+    path = Path(path)
+    index_path = path / "model_index.json"
+    if not index_path.is_file():
+        raise ModelLoadError(
+            f"no diffusers pipeline at {path}: {index_path.name} is missing. "
+            "Fetch the weights with `stepimage weights pull` or point --weights-dir at a snapshot."
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{index_path} is not readable JSON: {exc}") from exc
+    class_name = index.get("_class_name")
+    if class_name != PIPELINE_CLASS:
+        raise ModelLoadError(f"wrong model at {path}: {index_path.name} says {class_name!r}, expected {PIPELINE_CLASS!r}")
+    missing = [name for name in COMPONENTS if not (path / name).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"incomplete weights at {path}: missing component folder(s) {', '.join(missing)}. "
+            "Run `stepimage weights verify` to list every missing file."
+        )
+    try:
+        pipe = Flux2KleinPipeline.from_pretrained(
+            str(path), dtype=dtype, local_files_only=True, is_distilled=False
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"could not load the pipeline from {path}: {exc}") from exc
+    pipe.to(device)
+    return pipe, bool(index.get("is_distilled", False))
+
+
+_QUOTED = re.compile(r'"([^"\n]+)"|“([^”\n]+)”|«([^»\n]+)»|「([^」\n]+)」|『([^』\n]+)』')
+
+
+def quoted_spans(prompt: str) -> list[str]:
+    return [next(group for group in match.groups() if group) for match in _QUOTED.finditer(prompt)]
+
+
+def text_mode_prompt(prompt: str) -> str:
+    """The prompt as text_mode sends it to the text encoder (see the module docstring)."""
+    spans = quoted_spans(prompt)
+    if spans:
+        listed = ", ".join(f'"{span}"' for span in spans)
+        return f"{prompt}\nRender this text exactly as written, letter for letter, sharp and legible: {listed}."
+    return f"{prompt}\nAny text in the image is sharp, legible and correctly spelled."
+
+
+@dataclass(frozen=True)
+class EditGeometry:
+    """How an input image maps onto the model's working canvas and back."""
+
+    input_size: tuple[int, int]  # (width, height)
+    canvas_size: tuple[int, int]  # input letterboxed to an aspect ratio the model accepts
+    offset: tuple[int, int]  # where the input sits on the canvas
+    working_size: tuple[int, int]  # what the model sees: multiples of 16
+
+    def output_box(self) -> tuple[float, float, float, float]:
+        """The input's region in working-size coordinates."""
+        sx = self.working_size[0] / self.canvas_size[0]
+        sy = self.working_size[1] / self.canvas_size[1]
+        x0, y0 = self.offset
+        w, h = self.input_size
+        return (x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy)
+
+
+def edit_geometry(width: int, height: int, *, target_area: int = WORKING_AREA, upscale: bool = False) -> EditGeometry:
+    """Working size for an edit input: about `target_area` pixels at most (or exactly, with `upscale`)."""
+    canvas_w, canvas_h = width, height
+    if canvas_w > MAX_ASPECT * canvas_h:
+        canvas_h = math.ceil(canvas_w / MAX_ASPECT)
+    elif canvas_h > MAX_ASPECT * canvas_w:
+        canvas_w = math.ceil(canvas_h / MAX_ASPECT)
+    offset = ((canvas_w - width) // 2, (canvas_h - height) // 2)
+
+    scale = math.sqrt(target_area / (canvas_w * canvas_h))
+    if not upscale:
+        scale = min(scale, 1.0)
+    work_w = max(MIN_WORKING_SIDE, int(canvas_w * scale) // MULTIPLE * MULTIPLE)
+    work_h = max(MIN_WORKING_SIDE, int(canvas_h * scale) // MULTIPLE * MULTIPLE)
+    # Flooring to multiples of 16 can push a canvas at exactly 8:1 just past it.
+    if work_w > MAX_ASPECT * work_h:
+        work_w = MAX_ASPECT * work_h
+    if work_h > MAX_ASPECT * work_w:
+        work_h = MAX_ASPECT * work_w
+    return EditGeometry((width, height), (canvas_w, canvas_h), offset, (work_w, work_h))
+
+
+def prepare_edit_input(image: Image.Image, geometry: EditGeometry) -> Image.Image:
+    """The input placed on its canvas (edge pixels repeated outward) and resized to the working size."""
+    if geometry.canvas_size != geometry.input_size:
+        array = np.asarray(image.convert("RGB"))
+        x0, y0 = geometry.offset
+        pad_x = (x0, geometry.canvas_size[0] - geometry.input_size[0] - x0)
+        pad_y = (y0, geometry.canvas_size[1] - geometry.input_size[1] - y0)
+        image = Image.fromarray(np.pad(array, (pad_y, pad_x, (0, 0)), mode="edge"))
+    if image.size != geometry.working_size:
+        image = image.resize(geometry.working_size, Image.Resampling.LANCZOS)
+    return image
+
+
+def restore_edit_output(image: Image.Image, geometry: EditGeometry) -> Image.Image:
+    """The model's output cut back to the input's region, at exactly the input's pixel size."""
+    if image.size == geometry.input_size and geometry.canvas_size == geometry.input_size:
+        return image
+    return image.resize(geometry.input_size, Image.Resampling.LANCZOS, box=geometry.output_box())
+
+
+def _synchronize(device: torch.device) -> None:
+    # Stage timings are only true if queued GPU work has finished when the clock is read.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Flux2KleinBackend:
+    """A loaded FLUX.2 [klein] pipeline. Not thread-safe: the engine calls it from one thread."""
+
+    def __init__(self, pipe: Any, spec: ModelSpec, options: RunOptions, info: BackendInfo) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.pipe = pipe
+        self.spec = spec
+        self.options = options
+        self.info = info
+        self.device = torch.device(options.device)
+        pipe.set_progress_bar_config(disable=True)
+        # Our sigmas arrive already shifted (pipelines.scheduling); the scheduler must pass them through.
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            pipe.scheduler.config,
+            use_dynamic_shifting=False,
+            shift=1.0,
+            shift_terminal=None,
+            use_karras_sigmas=False,
+            use_exponential_sigmas=False,
+            use_beta_sigmas=False,
+        )
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """Prompt embedding, from an LRU cache when the same prompt was seen recently."""
+        cached = self._prompt_cache.get(prompt)
+        if cached is not None:
+            self._prompt_cache.move_to_end(prompt)
+            return cached
+        embeds, _ = self.pipe.encode_prompt(
+            prompt=prompt,
+            device=self.device,
+            max_sequence_length=self.spec.max_sequence_length,
+            text_encoder_out_layers=self.spec.text_encoder_out_layers,
+        )
+        if self.options.prompt_cache_size > 0:
+            self._prompt_cache[prompt] = embeds
+            while len(self._prompt_cache) > self.options.prompt_cache_size:
+                self._prompt_cache.popitem(last=False)
+        return embeds
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> GenerationResult:
+        timings = {"encode_prompt": 0.0, "denoise": 0.0, "decode": 0.0}
+        details: dict[str, Any] = {}
+
+        started = time.perf_counter()
+        prompt = text_mode_prompt(request.prompt) if request.text_mode else request.prompt
+        prompt_embeds = self.encode_prompt(prompt)
+        use_cfg = request.cfg_scale > 1.0
+        negative_embeds = self.encode_prompt(request.negative_prompt) if use_cfg else None
+        _synchronize(self.device)
+        timings["encode_prompt"] = (time.perf_counter() - started) * 1000
+        details.update(
+            prompt_sent=prompt,
+            negative_prompt_encoded=use_cfg,
+            transformer_passes_per_step=2 if use_cfg else 1,
+        )
+
+        geometry = None
+        working_image = None
+        if request.image is not None:
+            geometry = edit_geometry(*request.image.size, upscale=request.text_mode)
+            working_image = prepare_edit_input(request.image, geometry)
+            width, height = geometry.working_size
+        else:
+            width, height = request.width, request.height
+        details["working_size"] = (width, height)
+        sigmas = flux2_sigmas(request.steps, image_tokens(height, width))
+        details["sigmas"] = sigmas
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            return callback_kwargs
+
+        images = []
+        for seed in request.seeds:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            started = time.perf_counter()
+            # A CPU generator gives the same noise whatever device the model runs on.
+            generator = torch.Generator("cpu").manual_seed(seed)
+            latents = self.pipe(
+                image=working_image,
+                prompt=None,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+                height=height,
+                width=width,
+                num_inference_steps=request.steps,
+                sigmas=sigmas,
+                guidance_scale=request.cfg_scale,
+                generator=generator,
+                output_type="latent",
+                callback_on_step_end=on_step_end,
+                max_sequence_length=self.spec.max_sequence_length,
+                text_encoder_out_layers=self.spec.text_encoder_out_layers,
+            ).images
+            _synchronize(self.device)
+            timings["denoise"] += (time.perf_counter() - started) * 1000
+
+            started = time.perf_counter()
+            image = self.decode(latents)
+            if geometry is not None:
+                image = restore_edit_output(image, geometry)
+            timings["decode"] += (time.perf_counter() - started) * 1000
+            images.append(image)
+        return GenerationResult(images=images, seeds=request.seeds, timings_ms=timings, details=details)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        vae = self.pipe.vae
+        pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+
+    def warm_up(self, sizes: list[tuple[int, int]], progress: Callable[[str], None] | None = None) -> None:
+        """Run every (height, width) once so that no request pays first-call costs."""
+        for height, width in sizes:
+            if progress is not None:
+                progress(f"warming up {height}x{width}")
+            self.generate(GenerationRequest(prompt="warm-up", seed=0, steps=1, height=height, width=width))
+
+
+def load_checkpoint_backend(path: Path, name: str, options: RunOptions) -> Flux2KleinBackend:
+    """The backend for a real checkpoint directory (diffusers layout)."""
+    pipe, is_distilled = load_pipeline(path, dtype=resolve_dtype(options.dtype), device=options.device)
+    info = BackendInfo(
+        backend="flux2-klein",
+        model=name,
+        device=options.device,
+        dtype=options.dtype,
+        notes=("step-distilled checkpoint: cfg_scale > 1 doubles the cost per step",) if is_distilled else (),
+    )
+    return Flux2KleinBackend(pipe, ModelSpec(name=name), options, info)

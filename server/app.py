@@ -1,0 +1,266 @@
+"""The FastAPI application: lifespan (load, warm up, sweep, drain), middleware, error handlers, routers.
+
+`create_app(settings, backend=None)` builds one independent app. Given a backend, it serves it at
+once (tests share one tiny backend); otherwise the lifespan loads the configured backend on the
+engine's worker thread while /health already answers and /ready says 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipelines.base import Backend
+from server import errors
+from server.config import Settings
+from server.engine import Engine
+from server.metrics import Metrics
+from server.routes import health, images, models
+from server.serving import ImageService
+from server.storage import ResultStore
+
+logger = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Seconds a shutdown waits for accepted requests to finish.
+DRAIN_TIMEOUT = 60.0
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    store: ResultStore
+    metrics: Metrics
+    service: ImageService
+    ready: bool = False
+    draining: bool = False
+    load_error: str | None = None
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.stepimage
+
+
+def request_id_of(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "-")
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (the client's x-request-id when sane), echoes it on every response,
+    counts the request in metrics and logs one line per request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(label, str(status)).inc()
+            logger.info(
+                "request_id=%s method=%s path=%s status=%d ms=%.1f",
+                request_id,
+                scope["method"],
+                scope["path"],
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over the configured size with 413, before or while they stream in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> errors.RequestTooLarge:
+        limit_mb = self.max_bytes / (1024 * 1024)
+        return errors.RequestTooLarge(f"The request body is larger than the server's limit of {limit_mb:g} MiB.")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            response = error_response(self._too_large(), scope.get("state", {}).get("request_id", "-"))
+            # The client may still be sending; tell it not to reuse this connection.
+            response.headers["connection"] = "close"
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def error_response(error: errors.ApiError, request_id: str) -> JSONResponse:
+    mapped = errors.to_response(error)
+    headers = {**mapped.headers, "x-request-id": request_id}
+    return JSONResponse(mapped.body, status_code=mapped.status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(request: Request, exc: errors.ApiError) -> JSONResponse:
+        return error_response(exc, request_id_of(request))
+
+    async def on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            error: errors.ApiError = errors.NotFound(f"No route {request.method} {request.url.path}")
+        elif exc.status_code == 405:
+            error = errors.MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}")
+        else:
+            error = errors.InvalidRequest(None, str(exc.detail))
+            error.status = exc.status_code
+        return error_response(error, request_id_of(request))
+
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        param = location[0] if location else None
+        return error_response(errors.InvalidRequest(param, first.get("msg", "invalid request")), request_id_of(request))
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        request_id = request_id_of(request)
+        logger.exception("request_id=%s unexpected error", request_id)
+        return error_response(errors.internal_error(request_id), request_id)
+
+    app.add_exception_handler(errors.ApiError, on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http_exception)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+BackendLoader = Callable[[Settings], Backend]
+
+
+def create_app(
+    settings: Settings,
+    backend: Backend | None = None,
+    *,
+    backend_loader: BackendLoader | None = None,
+    exit_on_load_failure: bool = False,
+) -> FastAPI:
+    metrics = Metrics()
+    engine = Engine(max_queue=settings.max_queue, request_timeout=settings.request_timeout, metrics=metrics)
+    store = ResultStore(settings.storage_dir, settings.url_ttl)
+    state = AppState(
+        settings=settings,
+        engine=engine,
+        store=store,
+        metrics=metrics,
+        service=ImageService(settings, engine, store, metrics),
+    )
+    if not settings.api_keys:
+        logger.warning("no API keys configured: this server accepts requests from anyone who can reach it")
+
+    async def load() -> None:
+        try:
+            loaded = backend
+            if loaded is None:
+                loader = backend_loader
+                if loader is None:
+                    from server.backends import load_backend as loader
+                loaded = await engine.run_in_worker(loader, settings)
+            if settings.warmup:
+                sizes = [tuple(int(side) for side in size.split("x")) for size in settings.sizes]
+                started = time.perf_counter()
+                await engine.run_in_worker(loaded.warm_up, sizes, lambda text: logger.info("%s", text))
+                logger.info("warm-up done in %.1f s", time.perf_counter() - started)
+            engine.backend = loaded
+            state.ready = True
+            metrics.ready.set(1)
+            info = loaded.info
+            logger.info("ready: backend=%s model=%s device=%s dtype=%s", info.backend, info.model, info.device, info.dtype)
+        except Exception as exc:  # a model that cannot load must say why, loudly
+            state.load_error = str(exc)
+            logger.error("the model could not be loaded: %s", exc)
+            if exit_on_load_failure:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    async def sweep_forever() -> None:
+        while True:
+            await asyncio.sleep(settings.sweep_interval)
+            try:
+                await asyncio.to_thread(store.sweep)
+            except OSError as exc:
+                logger.warning("sweeping stored results failed: %s", exc)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store.sweep()
+        loading = asyncio.create_task(load())
+        sweeping = asyncio.create_task(sweep_forever())
+        try:
+            yield
+        finally:
+            state.draining = True
+            state.ready = False
+            metrics.ready.set(0)
+            sweeping.cancel()
+            if not loading.done():
+                loading.cancel()
+            await engine.drain(DRAIN_TIMEOUT)
+
+    app = FastAPI(
+        title="stepimage",
+        description="Step Image Edit 2 image API on open weights",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.stepimage = state
+    _install_error_handlers(app)
+    app.include_router(images.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    # Added last = outermost: the id exists before anything else runs, and the body limit applies to all.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,110 @@
+"""The `stepimage` command: `serve` runs the API server, `weights` manages checkpoints.
+
+Every `serve` flag is generated from a `Settings` field, so each one also has its STEPIMAGE_<NAME>
+environment variable and the two can never drift apart. Flags win over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+
+
+from pydantic import ValidationError
+
+from server.config import Settings
+
+# List settings take one value per flag, repeated; their flag is the singular name.
+_LIST_FLAGS = {"api_keys": "--api-key", "model_aliases": "--model-alias", "extra_sizes": "--extra-size"}
+
+
+def _flag(name: str) -> str:
+    return _LIST_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, info in Settings.model_fields.items():
+        env = f"STEPIMAGE_{name.upper()}"
+        default = info.get_default(call_default_factory=True)
+        help_text = f"{info.description} [env {env}; default {default!r}]"
+        annotation = info.annotation
+        if name in _LIST_FLAGS:
+            parser.add_argument(_flag(name), dest=name, action="append", help=help_text + " (repeatable)")
+        elif annotation is bool:
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif typing.get_origin(annotation) is typing.Literal:
+            parser.add_argument(_flag(name), dest=name, choices=typing.get_args(annotation), help=help_text)
+        else:
+            parser.add_argument(_flag(name), dest=name, help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    given = {
+        name: getattr(args, name)
+        for name in Settings.model_fields
+        if getattr(args, name, None) is not None
+    }
+    return Settings(**given)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # diffusers/transformers progress bars and advice are noise in a server log.
+    for noisy in ("diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        for problem in exc.errors():
+            field = ".".join(str(part) for part in problem["loc"])
+            sys.stderr.write(f"stepimage serve: {_flag(field)}: {problem['msg']}\n")
+        return 2
+    _configure_logging(settings.log_level)
+    import uvicorn
+
+    from server.app import create_app
+
+    app = create_app(settings, exit_on_load_failure=True)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        # Our middleware logs each request with its id; uvicorn's access log would duplicate it.
+        access_log=False,
+        timeout_graceful_shutdown=60,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stepimage", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="run the image API server")
+    add_serve_arguments(serve_parser)
+    serve_parser.set_defaults(func=serve)
+    from weights.cli import add_weights_arguments
+
+    add_weights_arguments(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+

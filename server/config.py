@@ -1,0 +1,102 @@
+"""The server's one Settings object: every option, its default, and its STEPIMAGE_<NAME> variable.
+
+Built once (by the CLI from flags and the environment, or by a test directly) and passed down;
+nothing reads the environment anywhere else.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from server.protocol import DEFAULT_SIZES
+
+_SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
+
+
+def _split_list(value: object) -> object:
+    # Lists come from the environment as comma-separated text, from flags as Python lists.
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def default_storage_dir() -> Path:
+    return Path.home() / ".cache" / "stepimage" / "files"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STEPIMAGE_", extra="ignore", populate_by_name=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    backend: Literal["auto", "tiny", "flux2-klein"] = Field(
+        "auto", description="auto: flux2-klein when CUDA and weights are present, else tiny."
+    )
+    device: str | None = Field(None, description="torch device, e.g. cuda:0 or cpu; default cuda:0 if present.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Weights dtype; auto: bf16 on GPUs that support it, else fp16; fp32 on CPU."
+    )
+    checkpoint: str = Field("flux2-klein-4b", description="Which manifest checkpoint flux2-klein serves.")
+    weights_dir: Path | None = Field(
+        None, description="Where checkpoints live (default ~/.cache/stepimage/weights, then the HF cache)."
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("api_keys", "STEPIMAGE_API_KEYS", "STEPIMAGE_API_KEY"),
+        description="Accepted bearer keys; none means an open server.",
+    )
+    public_url: str | None = Field(None, description="Origin used in result URLs; default: the request's own.")
+    storage_dir: Path = Field(default_factory=default_storage_dir, description="Where url results are kept.")
+    url_ttl: int = Field(7200, ge=1, description="Seconds a stored result stays downloadable.")
+    max_body_mb: float = Field(64.0, gt=0, description="Largest request body accepted, in MiB.")
+    model_name: str = Field("step-image-edit-2", min_length=1, description="The served model name.")
+    model_aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="More names accepted for the same model."
+    )
+    max_n: int = Field(4, ge=1, description="Most images one request may ask for.")
+    extra_sizes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="More HEIGHTxWIDTH sizes for generations (multiples of 16)."
+    )
+    max_queue: int = Field(16, ge=1, description="Requests waiting or running before new ones get 429.")
+    request_timeout: float = Field(300.0, gt=0, description="Seconds a request may take before it gets 504.")
+    metrics_require_key: bool = Field(False, description="Require an API key for /metrics.")
+    warmup: bool = Field(True, description="Run every generation size once before reporting ready.")
+    sweep_interval: float = Field(60.0, gt=0, description="Seconds between sweeps of expired results.")
+    log_level: str = Field("info", description="debug, info, warning or error.")
+
+    @field_validator("api_keys", "model_aliases", "extra_sizes", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("extra_sizes")
+    @classmethod
+    def _sizes_well_formed(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            match = _SIZE.match(size)
+            if not match or any(int(side) % 16 or not 64 <= int(side) <= 4096 for side in match.groups()):
+                raise ValueError(f"extra size {size!r} must be HEIGHTxWIDTH with sides multiples of 16 in 64..4096")
+        return sizes
+
+    @model_validator(mode="after")
+    def _no_empty_keys(self) -> Settings:
+        self.api_keys = [key for key in self.api_keys if key]
+        return self
+
+    @property
+    def sizes(self) -> tuple[str, ...]:
+        """Every size a generation request may ask for, in order."""
+        return DEFAULT_SIZES + tuple(size for size in self.extra_sizes if size not in DEFAULT_SIZES)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model_name, *[name for name in self.model_aliases if name != self.model_name])
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
