@@ -19,6 +19,8 @@ router = APIRouter()
 keyed = [Depends(require_api_key)]
 
 IMAGE_PART_NAMES = ("image", "image[]")
+# A url-encoded form can carry the image as base64 just like a multipart text part can.
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 # OpenAI's edits endpoint takes a mask; this model edits from the prompt alone, and silently
 # dropping a mask would return an image the caller did not ask for.
 UNSUPPORTED_FIELDS = {"mask": "mask is not supported: describe the region to change in the prompt"}
@@ -58,7 +60,7 @@ async def _edit_parts(request: Request) -> tuple[dict[str, Any], bytes | None, s
         if text is not None and not isinstance(text, str):
             raise InvalidRequest("image", "image must be a base64 string or a data URL in a JSON body")
         return body, None, text
-    if media_type != "multipart/form-data":
+    if media_type not in FORM_TYPES:
         raise UnsupportedMediaType(
             f"Content type {media_type or '(none)'} is not accepted here: send multipart/form-data or application/json."
         )
