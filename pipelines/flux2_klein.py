@@ -73,6 +73,14 @@ class RunOptions:
     device: str = "cpu"
     dtype: str = "fp32"
     prompt_cache_size: int = 32
+    # torch.compile the transformer's repeated blocks and the VAE decoder.
+    compile: bool = False
+    # torch.compile backend; tests on CPU use "aot_eager" to check graph capture without codegen time.
+    compile_backend: str = "inductor"
+    # diffusers attention backend name (e.g. "native", "flash", "_native_cudnn"); None keeps the default.
+    attention_backend: str | None = None
+    # Drop text-encoder layers after the last one the pipeline reads (exact: see trim_text_encoder).
+    trim_text_encoder: bool = False
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -196,6 +204,86 @@ def restore_edit_output(image: Image.Image, geometry: EditGeometry) -> Image.Ima
     return image.resize(geometry.input_size, Image.Resampling.LANCZOS, box=geometry.output_box())
 
 
+# Two edit inputs of different working sizes (width, height): see Flux2KleinBackend.warm_up.
+WARM_UP_EDIT_SIZES = ((1024, 1024), (832, 1216))
+
+
+def trim_text_encoder(text_encoder: Any, out_layers: tuple[int, ...]) -> int:
+    """Drop the decoder layers after the last hidden state the pipeline reads; return how many went.
+
+    hidden_states[k] is the output of layer k (0 is the embeddings), and only the *last* entry has
+    the final norm applied, so keeping max(out_layers) + 1 layers leaves every state the pipeline reads
+    bit-identical (a test checks this) while skipping the rest: 8 of Qwen3-4B's 36 layers, about a
+    quarter of the text encoder's compute and weights.
+    """
+    keep = max(out_layers) + 1
+    layers = text_encoder.model.layers
+    removed = len(layers) - keep
+    if removed <= 0:
+        return 0
+    text_encoder.model.layers = layers[:keep]
+    text_encoder.config.num_hidden_layers = keep
+    if getattr(text_encoder.config, "layer_types", None):
+        text_encoder.config.layer_types = text_encoder.config.layer_types[:keep]
+    return removed
+
+
+def compile_pipeline(pipe: Any, backend: str = "inductor") -> None:
+    """torch.compile the parts that dominate latency.
+
+    Regional compilation (each repeated transformer block compiled once and reused by all 25) costs
+    a fraction of whole-model compile time for the same steady-state speed; the VAE decoder is the
+    second hot spot at 1 MP.
+    """
+    pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
+    pipe.vae.decoder = torch.compile(pipe.vae.decoder, backend=backend)
+
+
+def build_pipeline_from_configs(
+    *,
+    transformer: dict,
+    text_encoder: dict,
+    vae: dict,
+    scheduler: dict,
+    is_distilled: bool,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """A Flux2KleinPipeline with random weights from component configs and a locally built tokenizer.
+
+    Used for the tiny test model and for the full-size architecture without weights (same FLOPs and
+    memory as the real model, meaningless pixels) for latency benchmarks on any GPU.
+    """
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from pipelines.tokenizer import build_local_tokenizer
+
+    tokenizer = build_local_tokenizer()
+    text_config = dict(text_encoder)
+    text_config.setdefault("vocab_size", len(tokenizer))
+    # Building on the target device skips a multi-gigabyte detour through host memory at full size.
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        text_model = Qwen3ForCausalLM(Qwen3Config(**text_config)).to(dtype)
+        transformer_model = Flux2Transformer2DModel.from_config(transformer).to(dtype)
+        vae_model = AutoencoderKLFlux2.from_config(vae).to(dtype)
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler),
+        vae=vae_model.eval(),
+        text_encoder=text_model.eval(),
+        tokenizer=tokenizer,
+        transformer=transformer_model.eval(),
+        is_distilled=is_distilled,
+    )
+
+
 def _synchronize(device: torch.device) -> None:
     # Stage timings are only true if queued GPU work has finished when the clock is read.
     if device.type == "cuda":
@@ -225,6 +313,13 @@ class Flux2KleinBackend:
             use_beta_sigmas=False,
         )
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        if options.trim_text_encoder:
+            removed = trim_text_encoder(pipe.text_encoder, spec.text_encoder_out_layers)
+            logger.info("text encoder: dropped %d layer(s) the pipeline never reads", removed)
+        if options.attention_backend:
+            pipe.transformer.set_attention_backend(options.attention_backend)
+        if options.compile:
+            compile_pipeline(pipe, backend=options.compile_backend)
 
     # -- prompts ---------------------------------------------------------------------------------
 
@@ -323,11 +418,20 @@ class Flux2KleinBackend:
         return self.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
 
     def warm_up(self, sizes: list[tuple[int, int]], progress: Callable[[str], None] | None = None) -> None:
-        """Run every (height, width) once so that no request pays first-call costs."""
+        """Run every (height, width) once, then two edits, so that no request pays first-call costs.
+
+        With compile on, the first two distinct shapes make torch.compile mark the sequence length
+        dynamic, so edits of any input size reuse the compiled graphs instead of recompiling.
+        """
         for height, width in sizes:
             if progress is not None:
-                progress(f"warming up {height}x{width}")
+                progress(f"warming up text-to-image {height}x{width}")
             self.generate(GenerationRequest(prompt="warm-up", seed=0, steps=1, height=height, width=width))
+        for width, height in WARM_UP_EDIT_SIZES:
+            if progress is not None:
+                progress(f"warming up edit {width}x{height}")
+            source = Image.new("RGB", (width, height), (127, 127, 127))
+            self.generate(GenerationRequest(prompt="warm-up", seed=0, steps=1, image=source))
 
 
 def load_checkpoint_backend(path: Path, name: str, options: RunOptions) -> Flux2KleinBackend:
@@ -341,3 +445,34 @@ def load_checkpoint_backend(path: Path, name: str, options: RunOptions) -> Flux2
         notes=("step-distilled checkpoint: cfg_scale > 1 doubles the cost per step",) if is_distilled else (),
     )
     return Flux2KleinBackend(pipe, ModelSpec(name=name), options, info)
+
+
+def load_random_weights_backend(checkpoint: Any, options: RunOptions) -> Flux2KleinBackend:
+    """The FULL-SIZE architecture of `checkpoint` with random weights, for latency work without a download."""
+    pipeline_config = checkpoint.config("pipeline")
+    pipe = build_pipeline_from_configs(
+        transformer=checkpoint.config("transformer"),
+        text_encoder=checkpoint.config("text_encoder"),
+        vae=checkpoint.config("vae"),
+        scheduler=checkpoint.config("scheduler"),
+        # Guidance is decided per request (module docstring), exactly as for loaded weights.
+        is_distilled=False,
+        device=options.device,
+        dtype=resolve_dtype(options.dtype),
+    )
+    spec = ModelSpec(
+        name=checkpoint.name,
+        text_encoder_out_layers=tuple(pipeline_config["text_encoder_out_layers"]),
+        max_sequence_length=pipeline_config["max_sequence_length"],
+    )
+    note = "RANDOM WEIGHTS: full-size architecture for latency benchmarks; images are meaningless"
+    logger.warning("%s (%s)", note, checkpoint.name)
+    info = BackendInfo(
+        backend="flux2-klein",
+        model=checkpoint.name,
+        device=options.device,
+        dtype=options.dtype,
+        random_weights=True,
+        notes=(note,),
+    )
+    return Flux2KleinBackend(pipe, spec, options, info)

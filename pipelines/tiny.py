@@ -17,11 +17,14 @@ import logging
 import tempfile
 from pathlib import Path
 
-import torch
-
 from pipelines.base import BackendInfo
-from pipelines.flux2_klein import Flux2KleinBackend, ModelSpec, RunOptions, load_pipeline
-from pipelines.tokenizer import build_local_tokenizer
+from pipelines.flux2_klein import (
+    Flux2KleinBackend,
+    ModelSpec,
+    RunOptions,
+    build_pipeline_from_configs,
+    load_pipeline,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,27 +77,13 @@ WEIGHTS_SEED = 0
 
 def build_tiny_pipeline():
     """The tiny pipeline in memory, with weights drawn from a fixed seed."""
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    tokenizer = build_local_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(WEIGHTS_SEED)
-        text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), **TEXT_ENCODER_CONFIG))
-        transformer = Flux2Transformer2DModel(**TRANSFORMER_CONFIG)
-        vae = AutoencoderKLFlux2(**VAE_CONFIG)
-    return Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        transformer=transformer.eval(),
+    return build_pipeline_from_configs(
+        transformer=TRANSFORMER_CONFIG,
+        text_encoder=TEXT_ENCODER_CONFIG,
+        vae=VAE_CONFIG,
+        scheduler=SCHEDULER_CONFIG,
         is_distilled=True,
+        seed=WEIGHTS_SEED,
     )
 
 

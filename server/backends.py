@@ -29,28 +29,51 @@ def resolve_dtype_name(settings: Settings, device: str) -> str:
     return "fp32"
 
 
+def run_options(settings: Settings, device: str, dtype: str):
+    from pipelines.flux2_klein import RunOptions
+
+    compile_on = settings.compile if settings.compile is not None else device.startswith("cuda")
+    return RunOptions(
+        device=device,
+        dtype=dtype,
+        prompt_cache_size=settings.prompt_cache_size,
+        compile=compile_on,
+        attention_backend=settings.attention_backend,
+        trim_text_encoder=settings.trim_text_encoder,
+    )
+
+
 def _load_flux2_klein(settings: Settings, device: str, dtype: str) -> Backend:
-    from pipelines.flux2_klein import RunOptions, load_checkpoint_backend
-    from weights.manifest import get_checkpoint
+    from pipelines.flux2_klein import load_checkpoint_backend, load_random_weights_backend
+    from weights.manifest import UnknownCheckpoint, get_checkpoint
     from weights.store import WeightsNotFound, find_checkpoint
 
-    checkpoint = get_checkpoint(settings.checkpoint)
+    try:
+        checkpoint = get_checkpoint(settings.checkpoint)
+    except UnknownCheckpoint as exc:
+        raise ModelLoadError(str(exc)) from exc
+    options = run_options(settings, device, dtype)
+    if settings.random_weights:
+        return load_random_weights_backend(checkpoint, options)
     try:
         path = find_checkpoint(checkpoint, settings.weights_dir)
     except WeightsNotFound as exc:
         raise ModelLoadError(str(exc)) from exc
-    return load_checkpoint_backend(path, checkpoint.name, RunOptions(device=device, dtype=dtype))
+    return load_checkpoint_backend(path, checkpoint.name, options)
 
 
 def load_backend(settings: Settings) -> Backend:
-    from pipelines.flux2_klein import RunOptions
+    from dataclasses import replace
+
     from pipelines.tiny import load_tiny_backend
 
     device = resolve_device(settings)
     dtype = resolve_dtype_name(settings, device)
     backend = settings.backend
     if backend == "auto":
-        if not device.startswith("cuda"):
+        if settings.random_weights:
+            backend = "flux2-klein"
+        elif not device.startswith("cuda"):
             logger.warning(
                 "backend auto: no CUDA device, so the TINY RANDOM-WEIGHT model is serving; its images are noise. "
                 "Run on a GPU with weights (`stepimage weights pull`) for real images."
@@ -68,5 +91,8 @@ def load_backend(settings: Settings) -> Backend:
                 backend = "tiny"
     if backend == "tiny":
         # The tiny model is float32 on CPU; half precision on CPU would only slow it down.
-        return load_tiny_backend(RunOptions(device=device, dtype=dtype if device.startswith("cuda") else "fp32"))
+        options = run_options(settings, device, dtype)
+        if not device.startswith("cuda") and settings.dtype == "auto":
+            options = replace(options, dtype="fp32")
+        return load_tiny_backend(options)
     return _load_flux2_klein(settings, device, dtype)

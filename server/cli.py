@@ -28,11 +28,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for name, info in Settings.model_fields.items():
         env = f"STEPIMAGE_{name.upper()}"
         default = info.get_default(call_default_factory=True)
-        help_text = f"{info.description} [env {env}; default {default!r}]"
+        # argparse %-formats help text.
+        help_text = f"{info.description} [env {env}; default {default!r}]".replace("%", "%%")
         annotation = info.annotation
         if name in _LIST_FLAGS:
             parser.add_argument(_flag(name), dest=name, action="append", help=help_text + " (repeatable)")
-        elif annotation is bool:
+        elif annotation is bool or set(typing.get_args(annotation)) == {bool, type(None)}:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         elif typing.get_origin(annotation) is typing.Literal:
             parser.add_argument(_flag(name), dest=name, choices=typing.get_args(annotation), help=help_text)

@@ -50,6 +50,17 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("api_keys", "STEPIMAGE_API_KEYS", "STEPIMAGE_API_KEY"),
         description="Accepted bearer keys; none means an open server.",
     )
+    random_weights: bool = Field(
+        False, description="flux2-klein: build the full-size architecture with random weights (benchmarks only)."
+    )
+    compile: bool | None = Field(
+        None, description="torch.compile transformer blocks and VAE decoder; default: on for CUDA."
+    )
+    attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. flash or _native_cudnn.")
+    prompt_cache_size: int = Field(32, ge=0, description="Prompt embeddings kept for repeated prompts (0: off).")
+    trim_text_encoder: bool = Field(
+        False, description="Drop the text-encoder layers the pipeline never reads (exact; saves ~25% of it)."
+    )
     public_url: str | None = Field(None, description="Origin used in result URLs; default: the request's own.")
     storage_dir: Path = Field(default_factory=default_storage_dir, description="Where url results are kept.")
     url_ttl: int = Field(7200, ge=1, description="Seconds a stored result stays downloadable.")
