@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import typing
 
@@ -75,16 +76,25 @@ def serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     app = create_app(settings, exit_on_load_failure=True)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        # Our middleware logs each request with its id; uvicorn's access log would duplicate it.
-        access_log=False,
-        timeout_graceful_shutdown=60,
-    )
-    return 0
+    # uvicorn re-raises the SIGTERM/SIGINT it caught once its graceful shutdown is done; with the default
+    # action that kills the process and reports death-by-signal even after a clean drain. A no-op handler
+    # underneath lets uvicorn.run return, so the exit status says how the server really ended.
+    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level.lower(),
+            # Our middleware logs each request with its id; uvicorn's access log would duplicate it.
+            access_log=False,
+            timeout_graceful_shutdown=60,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    # A model that could not load stops the server (app.py, load()): that must stay a failure.
+    return 1 if app.state.stepimage.load_error is not None else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
