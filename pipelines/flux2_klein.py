@@ -109,23 +109,55 @@ def load_pipeline(path: Path, *, dtype: torch.dtype, device: str):
         index = json.loads(index_path.read_text())
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{index_path} is not readable JSON: {exc}") from exc
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{index_path} is not a diffusers model index: expected a JSON object")
     class_name = index.get("_class_name")
     if class_name != PIPELINE_CLASS:
-        raise ModelLoadError(f"wrong model at {path}: {index_path.name} says {class_name!r}, expected {PIPELINE_CLASS!r}")
+        raise ModelLoadError(
+            f"wrong model at {path}: {index_path.name} says {class_name!r}, expected {PIPELINE_CLASS!r}"
+        )
     missing = [name for name in COMPONENTS if not (path / name).is_dir()]
     if missing:
         raise ModelLoadError(
             f"incomplete weights at {path}: missing component folder(s) {', '.join(missing)}. "
             "Run `stepimage weights verify` to list every missing file."
         )
+    _check_weight_files(path)
     try:
-        pipe = Flux2KleinPipeline.from_pretrained(
-            str(path), dtype=dtype, local_files_only=True, is_distilled=False
-        )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelLoadError(f"could not load the pipeline from {path}: {exc}") from exc
+        pipe = Flux2KleinPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True, is_distilled=False)
+    except Exception as exc:  # diffusers and safetensors raise many types; all mean "this checkpoint is broken"
+        raise ModelLoadError(
+            f"could not load the pipeline from {path}: {exc}. Run `stepimage weights verify` to check every file."
+        ) from exc
+    _check_tokenizer(pipe, path)
     pipe.to(device)
     return pipe, bool(index.get("is_distilled", False))
+
+
+def _check_weight_files(path: Path) -> None:
+    """Open every safetensors header, so a truncated or corrupt file is named before loading starts."""
+    from safetensors import safe_open
+
+    for weights_file in sorted(path.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(weights_file), framework="pt"):
+                pass
+        except Exception as exc:  # SafetensorError derives from Exception only
+            raise ModelLoadError(
+                f"corrupt or truncated weights file {weights_file}: {exc}. "
+                "Run `stepimage weights verify`, then `stepimage weights pull` to fetch it again."
+            ) from exc
+
+
+def _check_tokenizer(pipe: Any, path: Path) -> None:
+    # A tokenizer folder missing tokenizer.json still loads, as an almost empty tokenizer that turns every
+    # prompt into nothing: refuse it rather than serve images that ignore their prompts.
+    tokenizer = pipe.tokenizer
+    if "<|im_start|>" not in tokenizer.get_vocab() or len(tokenizer) > pipe.text_encoder.config.vocab_size:
+        raise ModelLoadError(
+            f"the tokenizer in {path / 'tokenizer'} is incomplete or does not match the text encoder. "
+            "Run `stepimage weights verify` to list missing files."
+        )
 
 
 _QUOTED = re.compile(r'"([^"\n]+)"|“([^”\n]+)”|«([^»\n]+)»|「([^」\n]+)」|『([^』\n]+)』')
@@ -323,6 +355,7 @@ class Flux2KleinBackend:
 
     # -- prompts ---------------------------------------------------------------------------------
 
+    @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """Prompt embedding, from an LRU cache when the same prompt was seen recently."""
         cached = self._prompt_cache.get(prompt)
@@ -444,7 +477,25 @@ def load_checkpoint_backend(path: Path, name: str, options: RunOptions) -> Flux2
         dtype=options.dtype,
         notes=("step-distilled checkpoint: cfg_scale > 1 doubles the cost per step",) if is_distilled else (),
     )
-    return Flux2KleinBackend(pipe, ModelSpec(name=name), options, info)
+    return Flux2KleinBackend(pipe, checkpoint_spec(pipe, name), options, info)
+
+
+def checkpoint_spec(pipe: Any, name: str) -> ModelSpec:
+    """Which text-encoder layers to read: the published (9, 18, 27) when they fit the checkpoint, else the
+    last layers that fill the transformer's text width (the tiny model: 3 layers of 16 -> (1, 2, 3))."""
+    spec = ModelSpec(name=name)
+    depth = pipe.text_encoder.config.num_hidden_layers
+    width = pipe.text_encoder.config.hidden_size
+    joint = pipe.transformer.config.joint_attention_dim
+    if max(spec.text_encoder_out_layers) <= depth and len(spec.text_encoder_out_layers) * width == joint:
+        return spec
+    count, rest = divmod(joint, width)
+    if rest or not 0 < count <= depth:
+        raise ModelLoadError(
+            f"text encoder ({depth} layers of width {width}) does not fit the transformer "
+            f"(joint_attention_dim {joint}): mismatched components"
+        )
+    return ModelSpec(name=name, text_encoder_out_layers=tuple(range(depth - count + 1, depth + 1)))
 
 
 def load_random_weights_backend(checkpoint: Any, options: RunOptions) -> Flux2KleinBackend:

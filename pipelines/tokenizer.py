@@ -22,7 +22,7 @@ CHAT_TEMPLATE = (
 
 _TRAINING_TEXT = [
     "a photo of a cat sitting on a red chair, photorealistic, soft light",
-    "a sign that says \"hello world\" in bold letters",
+    'a sign that says "hello world" in bold letters',
     "make the sky purple and add a bicycle; change the background to a beach at sunset",
 ]
 

@@ -217,7 +217,9 @@ def create_app(
             state.ready = True
             metrics.ready.set(1)
             info = loaded.info
-            logger.info("ready: backend=%s model=%s device=%s dtype=%s", info.backend, info.model, info.device, info.dtype)
+            logger.info(
+                "ready: backend=%s model=%s device=%s dtype=%s", info.backend, info.model, info.device, info.dtype
+            )
         except Exception as exc:  # a model that cannot load must say why, loudly
             state.load_error = str(exc)
             logger.error("the model could not be loaded: %s", exc)

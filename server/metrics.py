@@ -24,9 +24,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.queue_depth = Gauge(
-            "stepimage_queue_depth", "Image requests waiting or running.", registry=self.registry
-        )
+        self.queue_depth = Gauge("stepimage_queue_depth", "Image requests waiting or running.", registry=self.registry)
         self.ready = Gauge("stepimage_ready", "1 when the model is loaded and warm.", registry=self.registry)
 
     def observe_stages(self, timings_ms: dict[str, float]) -> None:

@@ -128,9 +128,7 @@ def validation_error_to_invalid_request(model: type[BaseModel], error: Validatio
         if len(value) > MAX_PROMPT_CHARS:
             return InvalidRequest(name, f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(value)}")
     if name == "negative_prompt" and isinstance(value, str) and len(value) > MAX_PROMPT_CHARS:
-        return InvalidRequest(
-            name, f"negative_prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(value)}"
-        )
+        return InvalidRequest(name, f"negative_prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(value)}")
     return InvalidRequest(name, f"{name} must be {_field_rule(model, name)}, got {_shown(value)}")
 
 

@@ -55,8 +55,7 @@ class ImageService:
     def _check_common(self, fields: ImageFields) -> None:
         if fields.model is not None and fields.model not in self.settings.model_names:
             raise ModelNotFound(
-                f"The model {fields.model!r} does not exist; this server serves "
-                + ", ".join(self.settings.model_names)
+                f"The model {fields.model!r} does not exist; this server serves " + ", ".join(self.settings.model_names)
             )
         if fields.n > self.settings.max_n:
             raise InvalidRequest("n", f"n must be an integer between 1 and {self.settings.max_n}, got {fields.n}")
@@ -87,7 +86,9 @@ class ImageService:
         """The edit's input image from a file part's bytes or a base64 / data-URL string."""
         if data is None and text is None:
             raise InvalidRequest(
-                "image", "image is required: send it as a file part named image, or as base64", code="missing_required_parameter"
+                "image",
+                "image is required: send it as a file part named image, or as base64",
+                code="missing_required_parameter",
             )
         if data is None:
             data = images.decode_base64_image(text or "", param="image")

@@ -64,8 +64,6 @@ def assert_error(response, status: int, param: str | None, code: str | None = No
     return error
 
 
-
-
 class GatedBackend:
     """The tiny backend behind a gate: records every request, and holds each job until the gate opens.
 

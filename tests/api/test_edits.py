@@ -146,7 +146,9 @@ def test_unusual_modes_are_accepted(client, mode):
     assert result_image(edit(client, buffer.getvalue())).size == (80, 64)
 
 
-@pytest.mark.parametrize(("value", "expected"), [("true", True), ("TRUE", True), ("1", True), ("False", False), ("0", False)])
+@pytest.mark.parametrize(
+    ("value", "expected"), [("true", True), ("TRUE", True), ("1", True), ("False", False), ("0", False)]
+)
 def test_text_mode_form_values(make_client, gated, value, expected):
     client = make_client(backend=gated)
     assert edit(client, image_bytes(64, 64), fields={"text_mode": value}).status_code == 200
@@ -160,7 +162,11 @@ def test_form_fields_reach_the_pipeline(make_client, gated):
     assert response.status_code == 200, response.text
     request = gated.requests[-1]
     assert (request.steps, request.cfg_scale, request.negative_prompt, request.seed, request.n) == (
-        4, 2.5, "dull", 99, 2
+        4,
+        2.5,
+        "dull",
+        99,
+        2,
     )
     # size is accepted and ignored: the edit keeps the input's size.
     assert (request.width, request.height) == (96, 64)

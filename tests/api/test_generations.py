@@ -44,7 +44,11 @@ def test_defaults_reach_the_pipeline(make_client, gated):
     assert response.status_code == 200, response.text
     request = gated.requests[-1]
     assert (request.steps, request.cfg_scale, request.negative_prompt, request.text_mode, request.n) == (
-        8, 1.0, "", False, 1
+        8,
+        1.0,
+        "",
+        False,
+        1,
     )
     assert 0 <= request.seed <= 2147483647
     assert response.json()["data"][0]["seed"] == request.seed
@@ -58,7 +62,11 @@ def test_every_field_reaches_the_pipeline(make_client, gated):
     )
     request = gated.requests[-1]
     assert (request.seed, request.steps, request.cfg_scale, request.negative_prompt, request.text_mode) == (
-        11, 3, 2.5, "blurry", True
+        11,
+        3,
+        2.5,
+        "blurry",
+        True,
     )
     # HEIGHTxWIDTH: 768x1360 is landscape, 1360 wide.
     assert (request.height, request.width) == (768, 1360)
@@ -101,14 +109,28 @@ def test_same_seed_same_pixels_different_seed_different_pixels(client):
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("steps", 0), ("steps", 51), ("steps", 2.5), ("steps", "many"), ("steps", True),
-        ("seed", -1), ("seed", 2147483648), ("seed", 1.5), ("seed", "abc"),
-        ("cfg_scale", 0.99), ("cfg_scale", 10.01), ("cfg_scale", "high"),
-        ("text_mode", "maybe"), ("text_mode", 2),
+        ("steps", 0),
+        ("steps", 51),
+        ("steps", 2.5),
+        ("steps", "many"),
+        ("steps", True),
+        ("seed", -1),
+        ("seed", 2147483648),
+        ("seed", 1.5),
+        ("seed", "abc"),
+        ("cfg_scale", 0.99),
+        ("cfg_scale", 10.01),
+        ("cfg_scale", "high"),
+        ("text_mode", "maybe"),
+        ("text_mode", 2),
         ("response_format", "xml"),
-        ("n", 0), ("n", 5),
-        ("output_format", "gif"), ("output_compression", 101), ("output_compression", -1),
-        ("negative_prompt", "x" * 513), ("negative_prompt", 5),
+        ("n", 0),
+        ("n", 5),
+        ("output_format", "gif"),
+        ("output_compression", 101),
+        ("output_compression", -1),
+        ("negative_prompt", "x" * 513),
+        ("negative_prompt", 5),
     ],
 )
 def test_out_of_range_fields_name_the_field(client, field, value):
@@ -187,9 +209,7 @@ def test_output_formats(client, fmt, pil_format):
 
 def test_output_compression_sets_quality(client):
     low = base64.b64decode(generate(client, output_format="jpeg", output_compression=10).json()["data"][0]["b64_json"])
-    high = base64.b64decode(
-        generate(client, output_format="jpeg", output_compression=95).json()["data"][0]["b64_json"]
-    )
+    high = base64.b64decode(generate(client, output_format="jpeg", output_compression=95).json()["data"][0]["b64_json"])
     assert len(low) < len(high)
     assert_error(generate(client, output_compression=50), 400, "output_compression")
 

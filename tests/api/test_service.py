@@ -173,9 +173,7 @@ def test_streamed_body_without_length_is_still_limited(make_client):
         for _ in range(100):
             yield b"x" * 1024
 
-    response = client.post(
-        "/v1/images/generations", content=chunks(), headers={"content-type": "application/json"}
-    )
+    response = client.post("/v1/images/generations", content=chunks(), headers={"content-type": "application/json"})
     assert_error(response, 413, None, "request_too_large")
 
 

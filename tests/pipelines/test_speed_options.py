@@ -39,7 +39,8 @@ def test_compiled_graphs_match_eager_and_stop_recompiling_after_warm_up(tiny_bac
     pixels(compiled, height=96, width=128)
     counters.clear()
     for height, width in ((128, 96), (160, 64), (64, 192)):
-        assert np.array_equal(pixels(compiled, height=height, width=width), pixels(tiny_backend, height=height, width=width))
+        size = {"height": height, "width": width}
+        assert np.array_equal(pixels(compiled, **size), pixels(tiny_backend, **size))
     assert counters["stats"]["unique_graphs"] == 0
 
 
@@ -56,14 +57,17 @@ def test_trimmed_text_encoder_gives_identical_embeddings():
     # A text encoder deeper than the layers read, like Qwen3-4B's 36 layers read at 9, 18, 27.
     deep = dict(TEXT_ENCODER_CONFIG, num_hidden_layers=6)
     pipe = build_pipeline_from_configs(
-        transformer=TRANSFORMER_CONFIG, text_encoder=deep, vae=VAE_CONFIG, scheduler=SCHEDULER_CONFIG,
+        transformer=TRANSFORMER_CONFIG,
+        text_encoder=deep,
+        vae=VAE_CONFIG,
+        scheduler=SCHEDULER_CONFIG,
         is_distilled=True,
     )
     layers = (1, 2, 3)
-    before, _ = pipe.encode_prompt("a sign that says \"OPEN\"", text_encoder_out_layers=layers)
+    before, _ = pipe.encode_prompt('a sign that says "OPEN"', text_encoder_out_layers=layers)
     assert trim_text_encoder(pipe.text_encoder, layers) == 2
     assert len(pipe.text_encoder.model.layers) == 4
-    after, _ = pipe.encode_prompt("a sign that says \"OPEN\"", text_encoder_out_layers=layers)
+    after, _ = pipe.encode_prompt('a sign that says "OPEN"', text_encoder_out_layers=layers)
     assert torch.equal(before, after)
     # Nothing left to drop when the last layer is read.
     assert trim_text_encoder(pipe.text_encoder, (1, 2, 4)) == 0
@@ -89,7 +93,8 @@ def test_random_weights_backend_is_labelled_and_generates():
     assert backend.info.random_weights is True
     assert any("RANDOM WEIGHTS" in note for note in backend.info.notes)
     assert backend.generate(GenerationRequest(prompt="x", seed=1, steps=1, height=64, width=64)).images[0].size == (
-        64, 64
+        64,
+        64,
     )
 
 

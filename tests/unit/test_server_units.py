@@ -40,8 +40,16 @@ def test_defaults_live_in_the_wire_model():
         ({"prompt": "x", "steps": 0}, "steps", "steps must be an integer between 1 and 50, got 0"),
         ({"prompt": "x", "seed": -5}, "seed", "seed must be an integer between 0 and 2147483647, got -5"),
         ({"prompt": "x", "cfg_scale": 11}, "cfg_scale", "cfg_scale must be a number between 1.0 and 10.0, got 11"),
-        ({"prompt": "x", "response_format": "png"}, "response_format", "response_format must be one of url, b64_json, got 'png'"),
-        ({"prompt": "x", "text_mode": "sometimes"}, "text_mode", "text_mode must be a boolean (true or false), got 'sometimes'"),
+        (
+            {"prompt": "x", "response_format": "png"},
+            "response_format",
+            "response_format must be one of url, b64_json, got 'png'",
+        ),
+        (
+            {"prompt": "x", "text_mode": "sometimes"},
+            "text_mode",
+            "text_mode must be a boolean (true or false), got 'sometimes'",
+        ),
         ({"prompt": "x", "steps": True}, "steps", "steps must be an integer between 1 and 50, got True"),
     ],
 )
@@ -51,7 +59,9 @@ def test_messages_quote_value_and_rule(raw, param, message):
 
 
 def test_form_strings_are_coerced():
-    fields = parse_fields(EditsBody, {"prompt": "x", "steps": "4", "cfg_scale": "2.5", "text_mode": "TRUE", "seed": "9"})
+    fields = parse_fields(
+        EditsBody, {"prompt": "x", "steps": "4", "cfg_scale": "2.5", "text_mode": "TRUE", "seed": "9"}
+    )
     assert (fields.steps, fields.cfg_scale, fields.text_mode, fields.seed) == (4, 2.5, True, 9)
 
 
@@ -74,7 +84,12 @@ def test_flags_override_environment(monkeypatch):
     monkeypatch.setenv("STEPIMAGE_MODEL_NAME", "from-env")
     args = build_parser().parse_args(["serve", "--port", "9100", "--api-key", "a", "--api-key", "b", "--no-warmup"])
     settings = settings_from_args(args)
-    assert (settings.port, settings.api_keys, settings.warmup, settings.model_name) == (9100, ["a", "b"], False, "from-env")
+    assert (settings.port, settings.api_keys, settings.warmup, settings.model_name) == (
+        9100,
+        ["a", "b"],
+        False,
+        "from-env",
+    )
 
 
 def test_bad_extra_size_is_refused():
