@@ -100,7 +100,7 @@ def load_tiny_backend(options: RunOptions, workdir: Path | None = None) -> Flux2
 
     with tempfile.TemporaryDirectory(prefix="stepimage-tiny-", dir=workdir) as tmp:
         path = save_tiny_pipeline(Path(tmp) / "flux2-klein-tiny")
-        pipe, is_distilled = load_pipeline(path, dtype=resolve_dtype(options.dtype), device=options.device)
+        pipe, _ = load_pipeline(path, dtype=resolve_dtype(options.dtype), device=options.device)
     info = BackendInfo(
         backend="tiny",
         model=TINY_SPEC.name,

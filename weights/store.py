@@ -453,14 +453,22 @@ def _check_sharded(index: Path, missing: list[str], problems: list[str]) -> int:
     return checked
 
 
-def _check_model_index(index: Path, ckpt: Checkpoint, problems: list[str]) -> None:
+def _json_object_or_problem(path: Path, problems: list[str]) -> dict | None:
+    """The JSON object in `path`, or None with the reason recorded in `problems`."""
     try:
-        data = _load_json(index)
+        data = _load_json(path)
     except (OSError, ValueError) as exc:
-        problems.append(f"{index}: not readable JSON ({exc})")
-        return
+        problems.append(f"{path}: not readable JSON ({exc})")
+        return None
     if not isinstance(data, dict):
-        problems.append(f"{index}: not a JSON object")
+        problems.append(f"{path}: not a JSON object")
+        return None
+    return data
+
+
+def _check_model_index(index: Path, ckpt: Checkpoint, problems: list[str]) -> None:
+    data = _json_object_or_problem(index, problems)
+    if data is None:
         return
     class_name = data.get("_class_name")
     if class_name != PIPELINE_CLASS:
@@ -474,13 +482,8 @@ def _check_model_index(index: Path, ckpt: Checkpoint, problems: list[str]) -> No
 
 
 def _check_transformer_geometry(config_path: Path, ckpt: Checkpoint, problems: list[str]) -> None:
-    try:
-        actual = _load_json(config_path)
-    except (OSError, ValueError) as exc:
-        problems.append(f"{config_path}: not readable JSON ({exc})")
-        return
-    if not isinstance(actual, dict):
-        problems.append(f"{config_path}: not a JSON object")
+    actual = _json_object_or_problem(config_path, problems)
+    if actual is None:
         return
     expected = ckpt.config("transformer")
     for name in TRANSFORMER_GEOMETRY:
