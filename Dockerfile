@@ -1,34 +1,56 @@
-# stepimage on an NVIDIA GPU host. Build: docker build -t stepimage .
-# Weights are not baked in: mount a directory holding them (see docker-compose.yml and `stepimage weights`).
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# stepimage image.
+#   GPU (default):  docker build -t stepimage .
+#   CPU, tiny model for trying the API on a laptop:  docker build --build-arg VARIANT=cpu -t stepimage:cpu .
+# Weights are never baked in: mount them at /weights (see docker-compose.yml and `stepimage weights`).
 
-ENV DEBIAN_FRONTEND=noninteractive \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
+ARG VARIANT=cuda
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# GPU base: CUDA runtime and Python; torch from PyPI is the CUDA build.
+FROM ${CUDA_IMAGE} AS cuda-base
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv curl \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH STEPIMAGE_BACKEND=flux2-klein
+RUN pip install --no-cache-dir --upgrade pip && pip install --no-cache-dir "torch>=2.5"
+
+# CPU base: plain Python and the CPU build of torch, a fraction of the CUDA build's size.
+FROM ${PYTHON_IMAGE} AS cpu-base
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends curl \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH STEPIMAGE_BACKEND=tiny
+RUN pip install --no-cache-dir --upgrade pip && pip install --no-cache-dir --index-url "$TORCH_CPU_INDEX" torch
+
+FROM ${VARIANT}-base AS app
+ENV PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
     STEPIMAGE_HOST=0.0.0.0 \
     STEPIMAGE_PORT=8000 \
     STEPIMAGE_WEIGHTS_DIR=/weights \
     STEPIMAGE_STORAGE_DIR=/data/files
-
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential curl \
-    && rm -rf /var/lib/apt/lists/*
-
 WORKDIR /app
-RUN python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-# Dependencies first, so code changes do not reinstall torch.
+# Dependencies in their own layer, rebuilt only when pyproject.toml changes: install the project from
+# stub packages, then remove it and keep its dependencies.
 COPY pyproject.toml README.md ./
-RUN mkdir -p server pipelines weights && touch server/__init__.py pipelines/__init__.py weights/__init__.py \
-    && pip install --upgrade pip && pip install . && pip uninstall -y stepimage
+RUN mkdir -p server pipelines weights \
+    && touch server/__init__.py pipelines/__init__.py weights/__init__.py \
+    && pip install --no-cache-dir . && pip uninstall -y stepimage && rm -rf server pipelines weights
 COPY server ./server
 COPY pipelines ./pipelines
 COPY weights ./weights
-RUN pip install --no-deps . && useradd --create-home stepimage && mkdir -p /data/files /weights \
+RUN pip install --no-cache-dir --no-deps . \
+    && useradd --create-home --uid 10001 stepimage \
+    && mkdir -p /data/files /weights \
     && chown -R stepimage /data
 USER stepimage
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=600s CMD curl -fsS http://127.0.0.1:8000/ready || exit 1
+# Loading 16 GB of weights and compiling every size takes minutes on a GPU: a long start period.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=900s --retries=3 \
+    CMD curl -fsS http://127.0.0.1:8000/ready || exit 1
 ENTRYPOINT ["stepimage"]
-CMD ["serve", "--backend", "flux2-klein"]
+CMD ["serve"]
