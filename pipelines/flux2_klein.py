@@ -23,6 +23,7 @@ What this module decides, and why:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -303,9 +304,11 @@ def build_pipeline_from_configs(
     # Building on the target device skips a multi-gigabyte detour through host memory at full size.
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        text_model = Qwen3ForCausalLM(Qwen3Config(**text_config)).to(dtype)
-        transformer_model = Flux2Transformer2DModel.from_config(transformer).to(dtype)
-        vae_model = AutoencoderKLFlux2.from_config(vae).to(dtype)
+        text_model = Qwen3ForCausalLM(Qwen3Config(**text_config))
+        transformer_model = Flux2Transformer2DModel.from_config(transformer)
+        vae_model = AutoencoderKLFlux2.from_config(vae)
+    if dtype != torch.float32:
+        text_model, transformer_model, vae_model = (m.to(dtype) for m in (text_model, transformer_model, vae_model))
     return Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler),
         vae=vae_model.eval(),
@@ -314,6 +317,36 @@ def build_pipeline_from_configs(
         transformer=transformer_model.eval(),
         is_distilled=is_distilled,
     )
+
+
+@contextlib.contextmanager
+def _one_reference_per_row(pipe: Any, rows: list[int] | None) -> Iterator[None]:
+    """Make the pipeline condition batch row i on input image `rows[i]` alone.
+
+    diffusers reads `image=[a, b]` as several references for every row (multi-reference editing) and
+    repeats them across the batch; a batch of independent edits needs each row conditioned on its own
+    request's image. Only how reference latents are stacked changes: each image is VAE-encoded once
+    and given the position ids of a single reference exactly as the pipeline does, so a one-row batch
+    is the pipeline's own path (a test checks that batched rows equal solo runs).
+    """
+    if rows is None:
+        yield
+        return
+    original = pipe.prepare_image_latents
+
+    def per_row(images, batch_size, generator, device, dtype):
+        encoded = [
+            original(images=[image], batch_size=1, generator=generator, device=device, dtype=dtype) for image in images
+        ]
+        latents = torch.cat([encoded[index][0] for index in rows])
+        ids = torch.cat([encoded[index][1] for index in rows])
+        return latents, ids
+
+    pipe.prepare_image_latents = per_row
+    try:
+        yield
+    finally:
+        del pipe.prepare_image_latents
 
 
 def _synchronize(device: torch.device) -> None:
@@ -376,79 +409,120 @@ class Flux2KleinBackend:
 
     # -- generation ------------------------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> GenerationResult:
-        timings = {"encode_prompt": 0.0, "denoise": 0.0, "decode": 0.0}
-        details: dict[str, Any] = {}
-
-        started = time.perf_counter()
-        prompt = text_mode_prompt(request.prompt) if request.text_mode else request.prompt
-        prompt_embeds = self.encode_prompt(prompt)
-        use_cfg = request.cfg_scale > 1.0
-        negative_embeds = self.encode_prompt(request.negative_prompt) if use_cfg else None
-        _synchronize(self.device)
-        timings["encode_prompt"] = (time.perf_counter() - started) * 1000
-        details.update(
-            prompt_sent=prompt,
-            negative_prompt_encoded=use_cfg,
-            transformer_passes_per_step=2 if use_cfg else 1,
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        """Requests with equal keys can share one pipeline call: same task, working size, steps, guidance
+        and text_mode. Prompts, negative prompts, seeds and input images may all differ."""
+        if request.image is not None:
+            size = edit_geometry(*request.image.size, upscale=request.text_mode).working_size
+        else:
+            size = (request.width, request.height)
+        return (
+            "edit" if request.image is not None else "text-to-image",
+            size,
+            request.steps,
+            request.cfg_scale,
+            request.text_mode,
         )
 
-        geometry = None
-        working_image = None
-        if request.image is not None:
-            geometry = edit_geometry(*request.image.size, upscale=request.text_mode)
-            working_image = prepare_edit_input(request.image, geometry)
-            width, height = geometry.working_size
+    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> GenerationResult:
+        return self.generate_batch([request], cancel)[0]
+
+    def generate_batch(self, requests: list[GenerationRequest], cancel: Any = None) -> list[GenerationResult]:
+        """Run requests with one `batch_key` as a single pipeline call: one row per image (n images per
+        request, seeds seed..seed+n-1), each row with its own prompt, negative prompt, noise and input image.
+
+        `cancel` is anything with `is_set()`; when it turns true the call stops at the next step.
+        """
+        keys = {self.batch_key(request) for request in requests}
+        if len(keys) != 1:
+            raise ValueError(f"requests in one batch must share a batch key, got {len(keys)} different ones")
+        first = requests[0]
+        timings = {"encode_prompt": 0.0, "denoise": 0.0, "decode": 0.0}
+
+        started = time.perf_counter()
+        prompts = [text_mode_prompt(r.prompt) if r.text_mode else r.prompt for r in requests]
+        use_cfg = first.cfg_scale > 1.0
+        # One row per image; `owner[i]` is the request that row belongs to.
+        owner = [index for index, request in enumerate(requests) for _ in request.seeds]
+        embeds = [self.encode_prompt(prompt) for prompt in prompts]
+        prompt_embeds = torch.cat([embeds[index] for index in owner])
+        negative_embeds = None
+        if use_cfg:
+            negatives = [self.encode_prompt(request.negative_prompt) for request in requests]
+            negative_embeds = torch.cat([negatives[index] for index in owner])
+        _synchronize(self.device)
+        timings["encode_prompt"] = (time.perf_counter() - started) * 1000
+
+        geometries: list[EditGeometry | None] = [None] * len(requests)
+        working_images = None
+        if first.image is not None:
+            geometries = [edit_geometry(*r.image.size, upscale=r.text_mode) for r in requests]  # type: ignore[union-attr]
+            # One working image per request; rows of the same request share it (_one_reference_per_row).
+            working_images = [prepare_edit_input(r.image, g) for r, g in zip(requests, geometries)]  # type: ignore[arg-type]
+            width, height = geometries[0].working_size  # type: ignore[union-attr]
         else:
-            width, height = request.width, request.height
-        details["working_size"] = (width, height)
-        sigmas = flux2_sigmas(request.steps, image_tokens(height, width))
-        details["sigmas"] = sigmas
+            width, height = first.width, first.height
+        sigmas = flux2_sigmas(first.steps, image_tokens(height, width))
 
         def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
             return callback_kwargs
 
-        images = []
-        for seed in request.seeds:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled()
-            started = time.perf_counter()
-            # A CPU generator gives the same noise whatever device the model runs on.
-            generator = torch.Generator("cpu").manual_seed(seed)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        started = time.perf_counter()
+        # A CPU generator per image gives the same noise whatever the device and whatever the batch.
+        generators = [torch.Generator("cpu").manual_seed(seed) for request in requests for seed in request.seeds]
+        with _one_reference_per_row(self.pipe, owner if working_images is not None else None):
             latents = self.pipe(
-                image=working_image,
+                image=working_images,
                 prompt=None,
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds,
                 height=height,
                 width=width,
-                num_inference_steps=request.steps,
+                num_inference_steps=first.steps,
                 sigmas=sigmas,
-                guidance_scale=request.cfg_scale,
-                generator=generator,
+                guidance_scale=first.cfg_scale,
+                generator=generators,
                 output_type="latent",
                 callback_on_step_end=on_step_end,
                 max_sequence_length=self.spec.max_sequence_length,
                 text_encoder_out_layers=self.spec.text_encoder_out_layers,
             ).images
-            _synchronize(self.device)
-            timings["denoise"] += (time.perf_counter() - started) * 1000
+        _synchronize(self.device)
+        timings["denoise"] = (time.perf_counter() - started) * 1000
 
-            started = time.perf_counter()
-            image = self.decode(latents)
+        started = time.perf_counter()
+        pictures = self.decode_batch(latents)
+        for row, index in enumerate(owner):
+            geometry = geometries[index]
             if geometry is not None:
-                image = restore_edit_output(image, geometry)
-            timings["decode"] += (time.perf_counter() - started) * 1000
-            images.append(image)
-        return GenerationResult(images=images, seeds=request.seeds, timings_ms=timings, details=details)
+                pictures[row] = restore_edit_output(pictures[row], geometry)
+        timings["decode"] = (time.perf_counter() - started) * 1000
+
+        results = []
+        for index, request in enumerate(requests):
+            details = {
+                "prompt_sent": prompts[index],
+                "negative_prompt_encoded": use_cfg,
+                "transformer_passes_per_step": 2 if use_cfg else 1,
+                "working_size": (width, height),
+                "sigmas": sigmas,
+                "batch_images": len(owner),
+            }
+            images = [pictures[row] for row, owned_by in enumerate(owner) if owned_by == index]
+            results.append(
+                GenerationResult(images=images, seeds=request.seeds, timings_ms=dict(timings), details=details)
+            )
+        return results
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> Image.Image:
+    def decode_batch(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.pipe.vae
         pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+        return self.pipe.image_processor.postprocess(pixels, output_type="pil")
 
     def warm_up(self, sizes: list[tuple[int, int]], progress: Callable[[str], None] | None = None) -> None:
         """Run every (height, width) once, then two edits, so that no request pays first-call costs.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -36,8 +37,6 @@ from server.storage import ResultStore
 logger = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# Seconds a shutdown waits for accepted requests to finish.
-DRAIN_TIMEOUT = 60.0
 
 
 @dataclass
@@ -51,6 +50,23 @@ class AppState:
     draining: bool = False
     load_error: str | None = None
     started_at: int = field(default_factory=lambda: int(time.time()))
+
+    def begin_drain(self) -> None:
+        """/ready turns 503 and new image requests get 503; accepted ones go on."""
+        self.draining = True
+        self.ready = False
+        self.metrics.ready.set(0)
+        self.engine.stop_accepting()
+
+    async def drain(self) -> None:
+        """Stop taking work and wait (up to the drain timeout) for the accepted requests to finish."""
+        self.begin_drain()
+        if not await self.engine.wait_idle(self.settings.drain_timeout):
+            logger.warning(
+                "drain: %d request(s) still unfinished after %.0f s",
+                self.engine.outstanding,
+                self.settings.drain_timeout,
+            )
 
 
 def get_state(request: Request) -> AppState:
@@ -177,18 +193,26 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
-BackendLoader = Callable[[Settings], Backend]
+BackendLoader = Callable[[Settings, str], Backend]
 
 
 def create_app(
     settings: Settings,
-    backend: Backend | None = None,
+    backend: Backend | list[Backend] | None = None,
     *,
     backend_loader: BackendLoader | None = None,
     exit_on_load_failure: bool = False,
 ) -> FastAPI:
+    """The app. `backend` (one, or one per device) skips loading; else `backend_loader(settings, device)`
+    (default: the configured backend) loads one replica per configured device."""
     metrics = Metrics()
-    engine = Engine(max_queue=settings.max_queue, request_timeout=settings.request_timeout, metrics=metrics)
+    engine = Engine(
+        max_queue=settings.max_queue,
+        request_timeout=settings.request_timeout,
+        metrics=metrics,
+        max_batch_size=settings.max_batch_size,
+        batch_wait_ms=settings.batch_wait_ms,
+    )
     store = ResultStore(settings.storage_dir, settings.url_ttl)
     state = AppState(
         settings=settings,
@@ -202,24 +226,28 @@ def create_app(
 
     async def load() -> None:
         try:
-            loaded = backend
-            if loaded is None:
-                loader = backend_loader
-                if loader is None:
-                    from server.backends import load_backend as loader
-                loaded = await engine.run_in_worker(loader, settings)
+            if backend is not None:
+                given = backend if isinstance(backend, list) else [backend]
+                replicas = [(getattr(b.info, "device", "cpu"), b) for b in given]
+            else:
+                from server.backends import load_backend, resolve_devices
+
+                loader = backend_loader or load_backend
+                devices = await engine.run_blocking(resolve_devices, settings)
+                replicas = [(device, await engine.run_blocking(loader, settings, device)) for device in devices]
             if settings.warmup:
                 sizes = [tuple(int(side) for side in size.split("x")) for size in settings.sizes]
-                started = time.perf_counter()
-                await engine.run_in_worker(loaded.warm_up, sizes, lambda text: logger.info("%s", text))
-                logger.info("warm-up done in %.1f s", time.perf_counter() - started)
-            engine.backend = loaded
+                for device, replica in replicas:
+                    started = time.perf_counter()
+                    progress = functools.partial(logger.info, "%s: %s", device)
+                    await engine.run_blocking(replica.warm_up, sizes, progress)
+                    logger.info("%s: warm-up done in %.1f s", device, time.perf_counter() - started)
+            engine.start(replicas)
             state.ready = True
             metrics.ready.set(1)
-            info = loaded.info
-            logger.info(
-                "ready: backend=%s model=%s device=%s dtype=%s", info.backend, info.model, info.device, info.dtype
-            )
+            for device, replica in replicas:
+                info = replica.info
+                logger.info("ready on %s: backend=%s model=%s dtype=%s", device, info.backend, info.model, info.dtype)
         except Exception as exc:  # a model that cannot load must say why, loudly
             state.load_error = str(exc)
             logger.error("the model could not be loaded: %s", exc)
@@ -242,13 +270,11 @@ def create_app(
         try:
             yield
         finally:
-            state.draining = True
-            state.ready = False
-            metrics.ready.set(0)
+            state.begin_drain()
             sweeping.cancel()
             if not loading.done():
                 loading.cancel()
-            await engine.drain(DRAIN_TIMEOUT)
+            await engine.drain(settings.drain_timeout)
 
     app = FastAPI(
         title="stepimage",

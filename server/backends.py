@@ -11,11 +11,20 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_device(settings: Settings) -> str:
+    return resolve_devices(settings)[0]
+
+
+def resolve_devices(settings: Settings) -> list[str]:
+    """--devices, else --device, else every visible GPU, else the CPU."""
     import torch
 
+    if settings.devices:
+        return list(settings.devices)
     if settings.device:
-        return settings.device
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
+        return [settings.device]
+    if torch.cuda.is_available():
+        return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    return ["cpu"]
 
 
 def resolve_dtype_name(settings: Settings, device: str) -> str:
@@ -62,12 +71,13 @@ def _load_flux2_klein(settings: Settings, device: str, dtype: str) -> Backend:
     return load_checkpoint_backend(path, checkpoint.name, options)
 
 
-def load_backend(settings: Settings) -> Backend:
+def load_backend(settings: Settings, device: str | None = None) -> Backend:
+    """The configured backend on `device` (default: the first configured device)."""
     from dataclasses import replace
 
     from pipelines.tiny import load_tiny_backend
 
-    device = resolve_device(settings)
+    device = device or resolve_device(settings)
     dtype = resolve_dtype_name(settings, device)
     backend = settings.backend
     if backend == "auto":

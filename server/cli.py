@@ -7,21 +7,26 @@ environment variable and the two can never drift apart. Flags win over the envir
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
-import signal
 import sys
 import typing
+from collections.abc import Awaitable, Callable
+from types import FrameType
 
+import uvicorn
 from pydantic import ValidationError
 
 from server.config import Settings
 
 # List settings take one value per flag, repeated; their flag is the singular name.
 _LIST_FLAGS = {"api_keys": "--api-key", "model_aliases": "--model-alias", "extra_sizes": "--extra-size"}
+# Lists that also read naturally as one comma-separated flag value.
+_COMMA_FLAGS = {"devices": "--devices"}
 
 
 def _flag(name: str) -> str:
-    return _LIST_FLAGS.get(name, "--" + name.replace("_", "-"))
+    return _LIST_FLAGS.get(name) or _COMMA_FLAGS.get(name) or "--" + name.replace("_", "-")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +51,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
+logger = logging.getLogger("stepimage")
+
+
 def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -66,30 +74,54 @@ def serve(args: argparse.Namespace) -> int:
             sys.stderr.write(f"stepimage serve: {_flag(field)}: {problem['msg']}\n")
         return 2
     _configure_logging(settings.log_level)
-    import uvicorn
-
     from server.app import create_app
 
     app = create_app(settings, exit_on_load_failure=True)
-    # uvicorn re-raises the SIGTERM/SIGINT it caught once its graceful shutdown is done; with the default
-    # action that kills the process and reports death-by-signal even after a clean drain. A no-op handler
-    # underneath lets uvicorn.run return, so the exit status says how the server really ended.
-    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        uvicorn.run(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level.lower(),
-            # Our middleware logs each request with its id; uvicorn's access log would duplicate it.
-            access_log=False,
-            timeout_graceful_shutdown=60,
-        )
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        # Our middleware logs each request with its id; uvicorn's access log would duplicate it.
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout) + 5,
+    )
+    DrainingServer(config, drain=app.state.stepimage.drain).run()
     # A model that could not load stops the server (app.py, load()): that must stay a failure.
     return 1 if app.state.stepimage.load_error is not None else 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with a first SIGTERM/SIGINT that drains before it stops listening.
+
+    Plain uvicorn closes its sockets at once, so clients of a draining server see refused connections.
+    Here the first signal turns /ready to 503 and new image requests to 503 + Retry-After (a load
+    balancer moves on), lets queued and running requests finish (up to --drain-timeout), then lets
+    uvicorn shut down as usual; the process exits 0. A second signal stops at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._drain_task: asyncio.Task | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit or self._drain_task is not None:
+            super().handle_exit(sig, frame)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not serving yet: nothing to drain
+            super().handle_exit(sig, frame)
+            return
+        logger.info("signal %d: draining (a second signal stops at once)", sig)
+        self._drain_task = loop.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._drain()
+        finally:
+            self.should_exit = True
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
         "auto", description="auto: flux2-klein when CUDA and weights are present, else tiny."
     )
     device: str | None = Field(None, description="torch device, e.g. cuda:0 or cpu; default cuda:0 if present.")
+    devices: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Devices to serve from, one model replica each (e.g. cuda:0,cuda:1); default: --device, "
+        "else every visible GPU, else cpu.",
+    )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Weights dtype; auto: bf16 on GPUs that support it, else fp16; fp32 on CPU."
     )
@@ -74,13 +79,18 @@ class Settings(BaseSettings):
         default_factory=list, description="More HEIGHTxWIDTH sizes for generations (multiples of 16)."
     )
     max_queue: int = Field(16, ge=1, description="Requests waiting or running before new ones get 429.")
-    request_timeout: float = Field(300.0, gt=0, description="Seconds a request may take before it gets 504.")
+    max_batch_size: int = Field(4, ge=1, description="Most images one pipeline call makes from compatible requests.")
+    batch_wait_ms: float = Field(0.0, ge=0, description="How long a lone request waits for batch company (ms).")
+    request_timeout: float = Field(
+        300.0, gt=0, description="Seconds a request may take before it gets 504 (clients may ask for less)."
+    )
+    drain_timeout: float = Field(60.0, ge=0, description="Seconds a shutdown waits for accepted requests.")
     metrics_require_key: bool = Field(False, description="Require an API key for /metrics.")
     warmup: bool = Field(True, description="Run every generation size once before reporting ready.")
     sweep_interval: float = Field(60.0, gt=0, description="Seconds between sweeps of expired results.")
     log_level: str = Field("info", description="debug, info, warning or error.")
 
-    @field_validator("api_keys", "model_aliases", "extra_sizes", mode="before")
+    @field_validator("api_keys", "model_aliases", "extra_sizes", "devices", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)

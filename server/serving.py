@@ -11,6 +11,7 @@ import base64
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,17 @@ from server.protocol import (
 from server.storage import ResultStore
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """What serving needs to know about the caller, without knowing HTTP."""
+
+    base_url: str
+    # Seconds the client is willing to wait (it may ask for less than the server's limit).
+    timeout: float | None = None
+    # Polled while the request waits; True once the client has gone away.
+    disconnected: Callable[[], Awaitable[bool]] | None = None
 
 
 @dataclass
@@ -109,15 +121,22 @@ class ImageService:
                 data.append(ImageData(seed=seed_used, url=f"{base_url}/v1/images/files/{name}"))
         return data
 
-    async def generate(self, fields: GenerationsBody, base_url: str) -> ServedImages:
+    async def generate(self, fields: GenerationsBody, client: ClientContext) -> ServedImages:
         height, width = parse_size(fields.size)
-        return await self._run(fields, base_url, kind="generation", height=height, width=width, image=None)
+        return await self._run(fields, client, kind="generation", height=height, width=width, image=None)
 
-    async def edit(self, fields: EditsBody, image: Image.Image, base_url: str) -> ServedImages:
-        return await self._run(fields, base_url, kind="edit", height=image.height, width=image.width, image=image)
+    async def edit(self, fields: EditsBody, image: Image.Image, client: ClientContext) -> ServedImages:
+        return await self._run(fields, client, kind="edit", height=image.height, width=image.width, image=image)
 
     async def _run(
-        self, fields: ImageFields, base_url: str, *, kind: str, height: int, width: int, image: Image.Image | None
+        self,
+        fields: ImageFields,
+        client: ClientContext,
+        *,
+        kind: str,
+        height: int,
+        width: int,
+        image: Image.Image | None,
     ) -> ServedImages:
         started = time.perf_counter()
         seed = fields.seed if fields.seed is not None else secrets.randbelow(MAX_SEED + 1)
@@ -133,12 +152,12 @@ class ImageService:
             image=image,
             n=fields.n,
         )
-        outcome = await self.engine.submit(request)
+        outcome = await self.engine.submit(request, timeout=client.timeout, disconnected=client.disconnected)
         result = outcome.result
 
         encode_started = time.perf_counter()
         # PNG/JPEG encoding of several megapixels is CPU work: keep it off the event loop.
-        data = await asyncio.to_thread(self._encode_all, fields, result.seeds, result.images, base_url)
+        data = await asyncio.to_thread(self._encode_all, fields, result.seeds, result.images, client.base_url)
         timings = {"queue": outcome.queue_ms, **result.timings_ms}
         timings["encode_image"] = (time.perf_counter() - encode_started) * 1000
         timings["total"] = (time.perf_counter() - started) * 1000

@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 from server import images
 from server.auth import require_api_key
 from server.errors import InvalidRequest, NotFound, UnsupportedMediaType
-from server.serving import ServedImages, server_timing
+from server.serving import ClientContext, ServedImages, server_timing
 
 router = APIRouter()
 keyed = [Depends(require_api_key)]
@@ -30,9 +30,26 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _base_url(request: Request) -> str:
+# Extension: a client may ask for a shorter deadline than the server's --request-timeout.
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+def _client(request: Request) -> ClientContext:
     public = request.app.state.stepimage.settings.public_url
-    return (public or str(request.base_url)).rstrip("/")
+    timeout = None
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is not None:
+        try:
+            timeout = float(raw)
+        except ValueError:
+            timeout = -1.0
+        if not 0 < timeout < float("inf"):
+            raise InvalidRequest(TIMEOUT_HEADER, f"{TIMEOUT_HEADER} must be a positive number of seconds, got {raw!r}")
+    return ClientContext(
+        base_url=(public or str(request.base_url)).rstrip("/"),
+        timeout=timeout,
+        disconnected=request.is_disconnected,
+    )
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
@@ -98,7 +115,7 @@ async def generations(request: Request) -> JSONResponse:
         raise UnsupportedMediaType("Send the request body as application/json.")
     service = request.app.state.stepimage.service
     fields = service.parse_generation(await _json_object(request))
-    return _image_response(await service.generate(fields, _base_url(request)))
+    return _image_response(await service.generate(fields, _client(request)))
 
 
 @router.post("/v1/images/edits", dependencies=keyed)
@@ -111,7 +128,7 @@ async def edits(request: Request) -> JSONResponse:
         image_text = fields.image
     # Decoding a 4096x4096 upload takes a noticeable fraction of a second: keep it off the event loop.
     image = await asyncio.to_thread(service.decode_input, image_bytes, image_text)
-    return _image_response(await service.edit(fields, image, _base_url(request)))
+    return _image_response(await service.edit(fields, image, _client(request)))
 
 
 @router.get("/v1/images/files/{name}")

@@ -47,7 +47,11 @@ def app_paths(tmp_path: Path) -> set[str]:
 
 
 def services() -> list[tuple[str, str, dict]]:
-    return [(name, service_name, service) for name in COMPOSE_FILES for service_name, service in compose(name)["services"].items()]
+    return [
+        (name, service_name, service)
+        for name in COMPOSE_FILES
+        for service_name, service in compose(name)["services"].items()
+    ]
 
 
 def test_entry_point_is_the_console_script():
@@ -113,7 +117,7 @@ def test_compose_ports_volumes_and_environment_match_the_image():
         assert all(target in (weights_dir, "/data") for target in targets), (name, service_name, targets)
         if service_name != "weights":
             assert storage_dir.startswith("/data/") and "/data" in targets
-        for key in (service.get("environment") or {}):
+        for key in service.get("environment") or {}:
             if key.startswith("STEPIMAGE_"):
                 assert key in SETTING_ENV_NAMES, (name, service_name, key)
         for value in re.findall(r"\$\{(STEPIMAGE_\w+)", yaml.safe_dump(service)):
@@ -146,7 +150,8 @@ def test_multi_gpu_replicas_use_distinct_gpus_behind_the_balancer():
     spec = compose("docker-compose.multi-gpu.yml")["services"]
     replicas = {name: service for name, service in spec.items() if name.startswith("gpu")}
     devices = [
-        tuple(service["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]) for service in replicas.values()
+        tuple(service["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"])
+        for service in replicas.values()
     ]
     assert len(set(devices)) == len(devices) >= 2
     nginx = (ROOT / "deploy" / "nginx.conf").read_text()

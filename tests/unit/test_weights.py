@@ -60,8 +60,10 @@ def write_snapshot(root: Path, *, distilled: bool = True) -> Path:
         "vae/config.json": {"_class_name": "AutoencoderKLFlux2", **load_bundled_config("vae")},
         "text_encoder/config.json": {"architectures": ["Qwen3ForCausalLM"], **load_bundled_config("text_encoder")},
     }
-    shard_tensors = {TEXT_SHARDS[0]: ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"),
-                     TEXT_SHARDS[1]: ("model.norm.weight",)}
+    shard_tensors = {
+        TEXT_SHARDS[0]: ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"),
+        TEXT_SHARDS[1]: ("model.norm.weight",),
+    }
     for relative in DISTILLED.expected_files:
         target = root / relative
         if relative in configs:
