@@ -95,3 +95,23 @@ def gated(tiny_backend) -> GatedBackend:
     backend = GatedBackend(tiny_backend)
     yield backend
     backend.gate.set()
+
+
+class GatedBatchingBackend(GatedBackend):
+    """A gated backend that batches like the real one and records each pipeline call's requests."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.batches: list[list] = []
+
+    def batch_key(self, request):
+        return self.inner.batch_key(request)
+
+    def generate_batch(self, requests, cancel=None):
+        self.batches.append(list(requests))
+        self.requests.extend(requests)
+        self.started.set()
+        while not self.gate.wait(0.01):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+        return self.inner.generate_batch(requests, cancel)
