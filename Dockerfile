@@ -37,12 +37,13 @@ WORKDIR /app
 # Dependencies in their own layer, rebuilt only when pyproject.toml changes: install the project from
 # stub packages, then remove it and keep its dependencies.
 COPY pyproject.toml README.md ./
-RUN mkdir -p server pipelines weights \
-    && touch server/__init__.py pipelines/__init__.py weights/__init__.py \
-    && pip install --no-cache-dir . && pip uninstall -y stepimage && rm -rf server pipelines weights
+RUN mkdir -p server pipelines weights benchmarks \
+    && touch server/__init__.py pipelines/__init__.py weights/__init__.py benchmarks/__init__.py \
+    && pip install --no-cache-dir . && pip uninstall -y stepimage && rm -rf server pipelines weights benchmarks
 COPY server ./server
 COPY pipelines ./pipelines
 COPY weights ./weights
+COPY benchmarks ./benchmarks
 RUN pip install --no-cache-dir --no-deps . \
     && useradd --create-home --uid 10001 stepimage \
     && mkdir -p /data/files /weights \

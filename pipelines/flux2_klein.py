@@ -82,6 +82,9 @@ class RunOptions:
     attention_backend: str | None = None
     # Drop text-encoder layers after the last one the pipeline reads (exact: see trim_text_encoder).
     trim_text_encoder: bool = False
+    # Record each denoising step's duration in result details (synchronizes the GPU at every step, so
+    # benchmarks turn it on and serving leaves it off).
+    step_timing: bool = False
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -464,14 +467,19 @@ class Flux2KleinBackend:
             width, height = first.width, first.height
         sigmas = flux2_sigmas(first.steps, image_tokens(height, width))
 
+        step_ends: list[float] = []
+
         def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+            if self.options.step_timing:
+                _synchronize(self.device)
+                step_ends.append(time.perf_counter())
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
             return callback_kwargs
 
         if cancel is not None and cancel.is_set():
             raise Cancelled()
-        started = time.perf_counter()
+        started = denoise_started = time.perf_counter()
         # A CPU generator per image gives the same noise whatever the device and whatever the batch.
         generators = [torch.Generator("cpu").manual_seed(seed) for request in requests for seed in request.seeds]
         with _one_reference_per_row(self.pipe, owner if working_images is not None else None):
@@ -512,6 +520,10 @@ class Flux2KleinBackend:
                 "sigmas": sigmas,
                 "batch_images": len(owner),
             }
+            if step_ends:
+                # Step 0 also carries the pipeline's set-up (reference-image encoding for edits).
+                marks = [denoise_started, *step_ends]
+                details["step_ms"] = [(end - begin) * 1000 for begin, end in zip(marks, marks[1:])]
             images = [pictures[row] for row, owned_by in enumerate(owner) if owned_by == index]
             results.append(
                 GenerationResult(images=images, seeds=request.seeds, timings_ms=dict(timings), details=details)

@@ -130,9 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = commands.add_parser("serve", help="run the image API server")
     add_serve_arguments(serve_parser)
     serve_parser.set_defaults(func=serve)
+    from benchmarks.cli import add_bench_arguments
     from weights.cli import add_weights_arguments
 
     add_weights_arguments(commands)
+    add_bench_arguments(commands)
     return parser
 
 

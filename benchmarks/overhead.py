@@ -1,0 +1,136 @@
+"""Overhead benchmark: what the HTTP server adds on top of the pipeline, per request.
+
+Starts `stepimage serve` (tiny backend) as a real process, sends sequential 1024x1024 generations for
+every response_format x output_format pair, and reports the median and p90 of
+
+    overhead = client-measured latency - pipeline time the server reports (encode_prompt + denoise + decode)
+
+so it covers request parsing, validation, the hand-off to the worker thread and back, image encoding,
+base64 or storing the file, JSON, and the HTTP round trip over loopback. `encode_image` (from the
+server's own `server-timing`) is reported beside it, since for large outputs it is most of the cost.
+
+    python -m benchmarks overhead --out benchmarks/results/overhead-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.stats import machine, parse_server_timing, percentile, summary_ms
+from server.protocol import DEFAULT_SIZES
+
+PIPELINE_STAGES = ("encode_prompt", "denoise", "decode")
+COMBINATIONS = [(fmt, response) for response in ("b64_json", "url") for fmt in ("png", "jpeg", "webp")]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(port: int, storage: Path, log: Path, size: str) -> subprocess.Popen:
+    script = Path(sys.executable).parent / "stepimage"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "server"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEPIMAGE_")}
+    args = ["serve", "--backend", "tiny", "--port", str(port), "--storage-dir", str(storage), "--no-warmup",
+            "--log-level", "warning"]  # fmt: skip
+    if size not in DEFAULT_SIZES:
+        args += ["--extra-size", size]
+    with open(log, "wb") as handle:
+        return subprocess.Popen(command + args, stdout=handle, stderr=subprocess.STDOUT, env=env)
+
+
+def wait_ready(base: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server was not ready in time")
+
+
+def measure(client: httpx.Client, base: str, fmt: str, response_format: str, size: str, repeats: int) -> dict:
+    body = {"prompt": "overhead", "size": size, "steps": 1, "seed": 1, "response_format": response_format,
+            "output_format": fmt}  # fmt: skip
+    overheads, encodes, latencies, sizes = [], [], [], []
+    for index in range(repeats + 2):
+        started = time.perf_counter()
+        response = client.post(f"{base}/v1/images/generations", json={**body, "seed": index})
+        payload = response.json()
+        latency = time.perf_counter() - started
+        response.raise_for_status()
+        stages = parse_server_timing(response.headers.get("server-timing"))
+        if index < 2:  # the first requests warm the path up
+            continue
+        pipeline_ms = sum(stages.get(stage, 0.0) for stage in PIPELINE_STAGES)
+        latencies.append(latency)
+        overheads.append(latency - pipeline_ms / 1000)
+        encodes.append(stages.get("encode_image", 0.0))
+        sizes.append(len(payload["data"][0].get("b64_json", "")))
+    return {
+        "output_format": fmt,
+        "response_format": response_format,
+        "overhead_ms": summary_ms(overheads),
+        "encode_image_ms_p50": round(percentile(encodes, 50), 2),
+        "overhead_without_encode_ms_p50": round(percentile(overheads, 50) * 1000 - percentile(encodes, 50), 2),
+        "latency_ms": summary_ms(latencies),
+        "b64_chars_p50": int(percentile(sizes, 50)) if sizes and sizes[0] else None,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="stepimage-overhead-") as tmp:
+        process = start_server(port, Path(tmp) / "files", Path(tmp) / "server.log", args.size)
+        try:
+            wait_ready(base, process)
+            with httpx.Client(timeout=120) as client:
+                rows = [measure(client, base, fmt, rf, args.size, args.repeats) for fmt, rf in COMBINATIONS]
+        finally:
+            process.terminate()
+            process.wait(60)
+    return {"tool": "overhead", "machine": machine(), "settings": vars(args).copy(), "results": rows}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stepimage bench overhead", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1024x1024")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = run(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for row in report["results"]:
+        sys.stdout.write(
+            f"{row['response_format']:>8} {row['output_format']:>4}: overhead p50 {row['overhead_ms']['p50']} ms "
+            f"(encode {row['encode_image_ms_p50']} ms, the rest {row['overhead_without_encode_ms_p50']} ms)\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Shared pieces of the benchmark tools: percentiles, server-timing parsing, machine description, plots."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100) by linear interpolation; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summary_ms(values_s: list[float]) -> dict[str, float | None]:
+    """p50/p90/p99/max/mean of durations given in seconds, reported in milliseconds."""
+    as_ms = [value * 1000 for value in values_s]
+    return {
+        "p50": _round(percentile(as_ms, 50)),
+        "p90": _round(percentile(as_ms, 90)),
+        "p99": _round(percentile(as_ms, 99)),
+        "max": _round(max(as_ms) if as_ms else None),
+        "mean": _round(statistics.fmean(as_ms) if as_ms else None),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def parse_server_timing(header: str | None) -> dict[str, float]:
+    """'queue;dur=1.2, denoise;dur=300' -> {'queue': 1.2, 'denoise': 300.0} (milliseconds)."""
+    stages: dict[str, float] = {}
+    for entry in (header or "").split(","):
+        name, _, params = entry.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur" and name:
+                try:
+                    stages[name] = float(value)
+                except ValueError:
+                    pass
+    return stages
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpus"] = torch.cuda.device_count()
+    except ImportError:  # the serving benchmark needs no torch on the client machine
+        pass
+    return info
+
+
+def plot_points(points: list[dict[str, Any]], x_key: str, x_label: str, title: str, path: Path) -> None:
+    """Latency percentiles (left axis) and images per second (right axis) against the swept variable."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [point[x_key] for point in points]
+    figure, latency_axis = plt.subplots(figsize=(7, 4.2))
+    for name, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
+        latency_axis.plot(xs, [point["latency_ms"][name] for point in points], style, label=f"latency {name}")
+    latency_axis.set_xlabel(x_label)
+    latency_axis.set_ylabel("latency (ms)")
+    throughput_axis = latency_axis.twinx()
+    throughput_axis.plot(xs, [point["images_per_s"] for point in points], "k-", linewidth=2, label="images/s")
+    throughput_axis.set_ylabel("images per second")
+    handles = latency_axis.get_legend_handles_labels()
+    more = throughput_axis.get_legend_handles_labels()
+    latency_axis.legend(handles[0] + more[0], handles[1] + more[1], loc="upper left", fontsize=8)
+    latency_axis.set_title(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
