@@ -80,6 +80,7 @@ def plot_points(points: list[dict[str, Any]], x_key: str, x_label: str, title: s
     figure, latency_axis = plt.subplots(figsize=(7, 4.2))
     for name, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
         latency_axis.plot(xs, [point["latency_ms"][name] for point in points], style, label=f"latency {name}")
+    latency_axis.set_xticks(xs)
     latency_axis.set_xlabel(x_label)
     latency_axis.set_ylabel("latency (ms)")
     throughput_axis = latency_axis.twinx()

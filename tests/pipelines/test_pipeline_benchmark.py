@@ -17,7 +17,8 @@ def test_pipeline_benchmark_reports_stages_steps_and_baseline(tmp_path):
     argv = ["--tiny", "--variants", "eager:fp32", "--sizes", "64x64", "--edit-input", "96x64", "--steps", "3",
             "--repeats", "1", "--baseline", "--peak-tflops", "1", "--out", str(out)]  # fmt: skip
     assert pipeline.main(argv) == 0
-    variant = json.loads(out.read_text())["variants"][0]
+    report = json.loads(out.read_text())
+    variant = report["variants"][0]
     for case in (variant["text_to_image"]["64x64"], variant["edit"]):
         median = case["median_ms"]
         assert {"encode_prompt", "denoise", "decode", "encode_png", "encode_jpeg", "encode_webp", "total"} <= set(
@@ -26,7 +27,8 @@ def test_pipeline_benchmark_reports_stages_steps_and_baseline(tmp_path):
         assert len(case["step_ms"]) == 3
         assert case["floor_step_ms"] > 0 and case["transformer_gflop_per_step"] > 0
     assert variant["edit"]["working_size"] == [96, 64]
-    assert variant["baseline_plain_diffusers"]["text_to_image"]["median_total_ms"] > 0
+    assert report["baseline_plain_diffusers"]["text_to_image"]["median_total_ms"] > 0
+    assert variant["speedup_vs_plain_diffusers"]["edit"] > 0
 
 
 def test_full_size_flops_per_step_match_the_published_compute_floor():
