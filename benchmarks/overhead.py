@@ -15,7 +15,6 @@ server's own `server-timing`) is reported beside it, since for large outputs it 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.stats import machine, parse_server_timing, percentile, summary_ms
+from benchmarks.stats import machine, parse_server_timing, percentile, summary_ms, write_report
 from server.protocol import DEFAULT_SIZES
 
 PIPELINE_STAGES = ("encode_prompt", "denoise", "decode")
@@ -121,9 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     for row in report["results"]:
         sys.stdout.write(
             f"{row['response_format']:>8} {row['output_format']:>4}: overhead p50 {row['overhead_ms']['p50']} ms "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 
 from benchmarks.assets import test_image
-from benchmarks.stats import machine
+from benchmarks.stats import machine, write_report
 from pipelines.base import GenerationRequest
 from pipelines.flux2_klein import RunOptions, load_checkpoint_backend, load_random_weights_backend
 from pipelines.tiny import load_tiny_backend
@@ -246,9 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_report(report, args.out)
     for entry in report["variants"]:
         for name, numbers in [*entry["text_to_image"].items(), ("edit", entry["edit"])]:
             median = numbers["median_ms"]

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from benchmarks.assets import edit_inputs, load_prompts
-from benchmarks.stats import machine, parse_server_timing, percentile, plot_points, summary_ms
+from benchmarks.stats import machine, parse_server_timing, percentile, plot_points, summary_ms, write_report
 
 
 @dataclass
@@ -210,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.concurrency and not args.rate:
         args.concurrency = [1]
     report = asyncio.run(run(args))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, args.out)
     closed = [point for point in report["points"] if "concurrency" in point and point["ok"]]
     opened = [point for point in report["points"] if "rate" in point and point["ok"]]
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -49,6 +50,14 @@ def parse_server_timing(header: str | None) -> dict[str, float]:
                 except ValueError:
                     pass
     return stages
+
+
+def write_report(report: dict[str, Any], out: str | Path) -> Path:
+    """Write a benchmark's JSON report, creating its folder."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return path
 
 
 def machine() -> dict[str, Any]:

@@ -107,17 +107,32 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
     dir_help = f"weights directory (default: $STEPIMAGE_WEIGHTS_DIR or {default_weights_dir()})"
 
     pull_parser = commands.add_parser("pull", help="download a checkpoint at its pinned revision, then verify it")
-    pull_parser.add_argument("name", nargs="?", default=DEFAULT_CHECKPOINT, choices=names, metavar="NAME",
-                             help=f"checkpoint to fetch: {', '.join(names)} (default: {DEFAULT_CHECKPOINT})")
+    pull_parser.add_argument(
+        "name",
+        nargs="?",
+        default=DEFAULT_CHECKPOINT,
+        choices=names,
+        metavar="NAME",
+        help=f"checkpoint to fetch: {', '.join(names)} (default: {DEFAULT_CHECKPOINT})",
+    )
     pull_parser.add_argument("--weights-dir", type=Path, default=None, metavar="DIR", help=dir_help)
-    pull_parser.add_argument("--token", default=None,
-                             help="Hugging Face token for gated repositories (default: $HF_TOKEN or the saved login)")
+    pull_parser.add_argument(
+        "--token",
+        default=None,
+        help="Hugging Face token for gated repositories (default: $HF_TOKEN or the saved login)",
+    )
     pull_parser.add_argument("--quiet", action="store_true", help="no download progress bars")
     pull_parser.set_defaults(func=cmd_pull)
 
     verify_parser = commands.add_parser("verify", help="check that a local copy is complete, without loading it")
-    verify_parser.add_argument("name", nargs="?", default=DEFAULT_CHECKPOINT, choices=names, metavar="NAME",
-                               help=f"checkpoint to check (default: {DEFAULT_CHECKPOINT})")
+    verify_parser.add_argument(
+        "name",
+        nargs="?",
+        default=DEFAULT_CHECKPOINT,
+        choices=names,
+        metavar="NAME",
+        help=f"checkpoint to check (default: {DEFAULT_CHECKPOINT})",
+    )
     verify_parser.add_argument("--weights-dir", type=Path, default=None, metavar="DIR", help=dir_help)
     verify_parser.set_defaults(func=cmd_verify)
 

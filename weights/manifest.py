@@ -173,6 +173,4 @@ def get_checkpoint(name: str) -> Checkpoint:
     try:
         return _BY_NAME[name]
     except KeyError:
-        raise UnknownCheckpoint(
-            f"unknown checkpoint {name!r}; valid names: {', '.join(checkpoint_names())}"
-        ) from None
+        raise UnknownCheckpoint(f"unknown checkpoint {name!r}; valid names: {', '.join(checkpoint_names())}") from None

@@ -178,8 +178,10 @@ def find_checkpoint(
     message = "\n".join(
         [f"weights for {ckpt.name} ({ckpt.repo_id} at {ckpt.revision[:12]}) not found. Looked in:"]
         + [f"  - {place}" for place in searched]
-        + [f"Fetch them (about {ckpt.download_size}) on a machine that can reach the Hugging Face Hub with:",
-           f"  {command}"]
+        + [
+            f"Fetch them (about {ckpt.download_size}) on a machine that can reach the Hugging Face Hub with:",
+            f"  {command}",
+        ]
     )
     raise WeightsNotFound(message, searched=searched, command=command)
 
@@ -342,7 +344,9 @@ def _find_in_hf_cache(ckpt: Checkpoint) -> tuple[Path | None, str]:
         if (candidate / "model_index.json").is_file():
             if candidate.name != ckpt.revision:
                 logger.warning(
-                    "using cached snapshot %s of %s, not the pinned revision %s", candidate.name, ckpt.repo_id,
+                    "using cached snapshot %s of %s, not the pinned revision %s",
+                    candidate.name,
+                    ckpt.repo_id,
                     ckpt.revision,
                 )
             return candidate, ""

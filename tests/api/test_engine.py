@@ -196,27 +196,31 @@ def test_a_disconnected_client_stops_its_job_and_the_next_one_runs(tiny_backend)
     assert engine.metrics.cancellations._value.get() == 1
 
 
+def small_request(prompt: str, seed: int) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, seed=seed, steps=1, height=64, width=64)
+
+
+async def engine_held_busy(gated: GatedBackend, **overrides):
+    """An engine whose only worker is running a first request, held at the gate; returns (engine, that task)."""
+    engine = make_engine([gated], **{"max_batch_size": 1, **overrides})
+    gated.gate.clear()
+    blocker = asyncio.create_task(engine.submit(small_request("first", 1)))
+    while not gated.started.is_set():
+        await asyncio.sleep(0.01)
+    return engine, blocker
+
+
 def test_a_client_that_leaves_while_queued_never_reaches_the_gpu(tiny_backend):
     gated = GatedBackend(tiny_backend)
 
     async def scenario():
-        engine = make_engine([gated], max_batch_size=1)
-        gated.gate.clear()
-        blocker = asyncio.create_task(
-            engine.submit(GenerationRequest(prompt="first", seed=1, steps=1, height=64, width=64))
-        )
-        while not gated.started.is_set():
-            await asyncio.sleep(0.01)
+        engine, blocker = await engine_held_busy(gated)
         left = asyncio.Event()
 
         async def disconnected() -> bool:
             return left.is_set()
 
-        waiting = asyncio.create_task(
-            engine.submit(
-                GenerationRequest(prompt="leaves", seed=2, steps=1, height=64, width=64), disconnected=disconnected
-            )
-        )
+        waiting = asyncio.create_task(engine.submit(small_request("leaves", 2), disconnected=disconnected))
         await asyncio.sleep(0.1)
         assert engine.queued == 1
         left.set()
@@ -235,18 +239,10 @@ def test_a_timed_out_request_leaves_the_queue_and_others_are_unaffected(tiny_bac
     gated = GatedBackend(tiny_backend)
 
     async def scenario():
-        engine = make_engine([gated], max_batch_size=1)
-        gated.gate.clear()
-        blocker = asyncio.create_task(
-            engine.submit(GenerationRequest(prompt="first", seed=1, steps=1, height=64, width=64))
-        )
-        while not gated.started.is_set():
-            await asyncio.sleep(0.01)
-        patient = asyncio.create_task(
-            engine.submit(GenerationRequest(prompt="patient", seed=3, steps=1, height=64, width=64))
-        )
+        engine, blocker = await engine_held_busy(gated)
+        patient = asyncio.create_task(engine.submit(small_request("patient", 3)))
         with pytest.raises(Timeout):
-            await engine.submit(GenerationRequest(prompt="hurried", seed=2, steps=1, height=64, width=64), timeout=0.1)
+            await engine.submit(small_request("hurried", 2), timeout=0.1)
         gated.gate.set()
         results = await asyncio.gather(blocker, patient)
         await engine.drain(5)
@@ -261,15 +257,9 @@ def test_full_queue_is_refused_at_once(tiny_backend):
     gated = GatedBackend(tiny_backend)
 
     async def scenario():
-        engine = make_engine([gated], max_queue=1, max_batch_size=1)
-        gated.gate.clear()
-        blocker = asyncio.create_task(
-            engine.submit(GenerationRequest(prompt="first", seed=1, steps=1, height=64, width=64))
-        )
-        while not gated.started.is_set():
-            await asyncio.sleep(0.01)
+        engine, blocker = await engine_held_busy(gated, max_queue=1)
         with pytest.raises(Overloaded) as refused:
-            await engine.submit(GenerationRequest(prompt="second", seed=2, steps=1, height=64, width=64))
+            await engine.submit(small_request("second", 2))
         gated.gate.set()
         await blocker
         await engine.drain(5)
