@@ -128,7 +128,10 @@ def test_edits_batch_too(make_client, tiny_backend):
     backend.gate.set()
     for thread in first_thread + threads:
         thread.join(60)
-    assert [len(batch) for batch in backend.batches] == [1, 2, 1]
+    # The first edit alone, then the two 96-wide inputs together and the 128-wide one alone (in arrival order).
+    assert sorted(len(batch) for batch in backend.batches) == [1, 1, 2]
+    pair = next(batch for batch in backend.batches if len(batch) == 2)
+    assert sorted(request.seed for request in pair) == [2, 3]
     for response, (seed, width) in zip(results, ((2, 96), (3, 96), (4, 128))):
         alone = edit(seed, width)
         assert_same_image_across_batches(response.json()["data"][0]["b64_json"], alone.json()["data"][0]["b64_json"])
@@ -148,10 +151,17 @@ def test_client_can_ask_for_a_shorter_deadline(make_client, gated):
     assert post(client).status_code == 200
 
 
-def counting_passes(backend):
-    """Count transformer forward passes of the real tiny pipeline."""
+def counting_passes(backend, seconds_per_pass: float = 0.0):
+    """Count transformer forward passes of the real tiny pipeline, optionally making each one slower."""
+    import time
+
     passes = []
-    handle = backend.pipe.transformer.register_forward_hook(lambda *args: passes.append(1))
+
+    def hook(*args):
+        passes.append(1)
+        time.sleep(seconds_per_pass)
+
+    handle = backend.pipe.transformer.register_forward_hook(hook)
     return passes, handle
 
 
@@ -168,8 +178,9 @@ def make_engine(backends, **overrides) -> Engine:
 
 
 def test_a_disconnected_client_stops_its_job_and_the_next_one_runs(tiny_backend):
-    passes, handle = counting_passes(tiny_backend)
-    steps = 12
+    # 40 steps of at least 30 ms: far longer than the 50 ms between the engine's disconnect checks.
+    passes, handle = counting_passes(tiny_backend, seconds_per_pass=0.03)
+    steps = 40
 
     async def scenario():
         engine = make_engine([tiny_backend])
@@ -190,7 +201,7 @@ def test_a_disconnected_client_stops_its_job_and_the_next_one_runs(tiny_backend)
         stopped_at, follow_up, engine = asyncio.run(scenario())
     finally:
         handle.remove()
-    # Stopped at the step after the client left, far short of the 12 it asked for.
+    # Stopped within a few steps of the client leaving, far short of the 40 it asked for.
     assert 2 <= stopped_at < steps
     assert follow_up.result.images[0].size == (64, 64)
     assert engine.metrics.cancellations._value.get() == 1
