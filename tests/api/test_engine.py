@@ -331,3 +331,21 @@ def test_drain_finishes_accepted_work_and_refuses_new_work(make_client, gated):
     threads[0].join(30)
     assert drained.is_set()
     assert results[0].status_code == 200
+
+
+def test_a_short_wait_lets_a_lone_request_gather_company(tiny_backend):
+    backend = GatedBatchingBackend(tiny_backend)
+
+    async def scenario():
+        engine = make_engine([backend], batch_wait_ms=300)
+        first = asyncio.create_task(engine.submit(small_request("first", 1)))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(engine.submit(small_request("second", 2)))
+        results = await asyncio.gather(first, second)
+        await engine.drain(5)
+        return results
+
+    results = asyncio.run(scenario())
+    # Both arrived inside the window, so one pipeline call made both images.
+    assert [len(batch) for batch in backend.batches] == [2]
+    assert [result.batch_images for result in results] == [2, 2]
