@@ -31,6 +31,7 @@ from benchmarks.assets import test_image
 from benchmarks.stats import machine, write_report
 from pipelines.base import GenerationRequest
 from pipelines.flux2_klein import RunOptions, load_checkpoint_backend, load_random_weights_backend
+from pipelines.scheduling import image_tokens
 from pipelines.tiny import load_tiny_backend
 from server.images import encode_image
 
@@ -185,12 +186,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         for height, width in heights_widths:
             request = GenerationRequest(prompt="a lake at dawn", seed=1, steps=args.steps, height=height, width=width)
-            tokens = (height // 16) * (width // 16)
+            tokens = image_tokens(height, width)
             flops = transformer_flops(config, tokens, text_tokens)
             entry["text_to_image"][f"{height}x{width}"] = measure(backend, request, args.repeats, flops, peak)
         edit = GenerationRequest(prompt="make the sky red", seed=1, steps=args.steps, image=edit_source)
         work_w, work_h = backend.batch_key(edit)[1]
-        tokens = 2 * (work_h // 16) * (work_w // 16)  # the generated image plus the reference image
+        tokens = 2 * image_tokens(work_h, work_w)  # the generated image plus the reference image
         entry["edit"] = measure(backend, edit, args.repeats, transformer_flops(config, tokens, text_tokens), peak)
         if args.baseline and not compiled and "baseline_plain_diffusers" not in report:
             # Plain diffusers is measured on an eager pipeline: what a server calling it directly gets.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import re
+import time
 
 import numpy as np
 import pytest
@@ -56,3 +58,17 @@ def assert_same_image_across_batches(first, second) -> None:
     difference = np.abs(a - b)
     assert difference.max() <= BATCH_TOLERANCE_LEVELS, difference.max()
     assert difference.mean() < 0.01, difference.mean()
+
+
+def metric(client, name: str) -> float:
+    """A sample's value from /metrics of an in-process TestClient or a real server's httpx client (0 if absent)."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", client.get("/metrics").text, flags=re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    """Poll until `predicate()` is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.01)

@@ -101,20 +101,24 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_name_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "name",
+        nargs="?",
+        default=DEFAULT_CHECKPOINT,
+        choices=checkpoint_names(),
+        metavar="NAME",
+        help=f"{what} (default: {DEFAULT_CHECKPOINT})",
+    )
+
+
 def _add_commands(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="weights_command", metavar="COMMAND", required=True)
     names = checkpoint_names()
     dir_help = f"weights directory (default: $STEPIMAGE_WEIGHTS_DIR or {default_weights_dir()})"
 
     pull_parser = commands.add_parser("pull", help="download a checkpoint at its pinned revision, then verify it")
-    pull_parser.add_argument(
-        "name",
-        nargs="?",
-        default=DEFAULT_CHECKPOINT,
-        choices=names,
-        metavar="NAME",
-        help=f"checkpoint to fetch: {', '.join(names)} (default: {DEFAULT_CHECKPOINT})",
-    )
+    _add_name_argument(pull_parser, f"checkpoint to fetch: {', '.join(names)}")
     pull_parser.add_argument("--weights-dir", type=Path, default=None, metavar="DIR", help=dir_help)
     pull_parser.add_argument(
         "--token",
@@ -125,14 +129,7 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
     pull_parser.set_defaults(func=cmd_pull)
 
     verify_parser = commands.add_parser("verify", help="check that a local copy is complete, without loading it")
-    verify_parser.add_argument(
-        "name",
-        nargs="?",
-        default=DEFAULT_CHECKPOINT,
-        choices=names,
-        metavar="NAME",
-        help=f"checkpoint to check (default: {DEFAULT_CHECKPOINT})",
-    )
+    _add_name_argument(verify_parser, "checkpoint to check")
     verify_parser.add_argument("--weights-dir", type=Path, default=None, metavar="DIR", help=dir_help)
     verify_parser.set_defaults(func=cmd_verify)
 

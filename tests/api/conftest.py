@@ -78,12 +78,16 @@ class GatedBackend:
         self.started = threading.Event()
         self.requests = []
 
-    def generate(self, request, cancel=None):
-        self.requests.append(request)
+    def _hold(self, requests, cancel) -> None:
+        """Record the job, then wait at the gate, giving up if the job is cancelled meanwhile."""
+        self.requests.extend(requests)
         self.started.set()
         while not self.gate.wait(0.01):
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
+
+    def generate(self, request, cancel=None):
+        self._hold([request], cancel)
         return self.inner.generate(request, cancel)
 
     def warm_up(self, sizes, progress=None):
@@ -109,9 +113,5 @@ class GatedBatchingBackend(GatedBackend):
 
     def generate_batch(self, requests, cancel=None):
         self.batches.append(list(requests))
-        self.requests.extend(requests)
-        self.started.set()
-        while not self.gate.wait(0.01):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled()
+        self._hold(requests, cancel)
         return self.inner.generate_batch(requests, cancel)

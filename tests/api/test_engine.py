@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 
 import pytest
@@ -13,7 +12,7 @@ from server.engine import ClientGone, Engine
 from server.errors import Overloaded, Timeout
 from server.metrics import Metrics
 from tests.api.conftest import SMALL, GatedBackend, GatedBatchingBackend, assert_error
-from tests.conftest import assert_same_image_across_batches
+from tests.conftest import assert_same_image_across_batches, metric, wait_for
 
 pytestmark = pytest.mark.api
 
@@ -35,20 +34,6 @@ def run_in_threads(calls):
     for thread in threads:
         thread.start()
     return threads, results
-
-
-def metric(client, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", client.get("/metrics").text, flags=re.M)
-    return float(match.group(1)) if match else 0.0
-
-
-def wait_for(predicate, timeout: float = 10.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.01)
 
 
 # -- admission control ------------------------------------------------------------------------------------

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import threading
-import time
 
 import httpx
 import pytest
 
+from tests.conftest import metric, wait_for
 from tests.e2e.conftest import free_port, launch, wait_ready
 
 pytestmark = pytest.mark.e2e
@@ -29,18 +28,6 @@ def own_server(tmp_path):
     server.stop()
 
 
-def metric(http: httpx.Client, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", http.get("/metrics").text, flags=re.M)
-    return float(match.group(1)) if match else 0.0
-
-
-def wait_for(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.02)
-
-
 def test_sigterm_drains_accepted_work_refuses_new_work_and_exits_0(own_server):
     outcome = {}
     with httpx.Client(base_url=own_server.base_url, timeout=60) as http:
@@ -48,10 +35,10 @@ def test_sigterm_drains_accepted_work_refuses_new_work_and_exits_0(own_server):
             target=lambda: outcome.setdefault("slow", http.post("/v1/images/generations", json=SLOW))
         )
         worker.start()
-        wait_for(lambda: metric(http, "stepimage_in_flight") == 1)
+        wait_for(lambda: metric(http, "stepimage_in_flight") == 1, timeout=30)
         own_server.proc.terminate()
         # Still listening while it drains: readiness says no, new work is refused with a reason to retry.
-        wait_for(lambda: http.get("/ready").status_code == 503)
+        wait_for(lambda: http.get("/ready").status_code == 503, timeout=30)
         refused = http.post("/v1/images/generations", json=QUICK)
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "not_ready"
@@ -66,7 +53,7 @@ def test_a_client_that_hangs_up_frees_the_gpu_for_the_next(own_server):
         with pytest.raises(httpx.ReadTimeout):
             # The client gives up long before a 40-step 1 MP image is done, and closes the connection.
             httpx.post(own_server.base_url + "/v1/images/generations", json={**SLOW, "steps": 40}, timeout=0.5)
-        wait_for(lambda: metric(http, "stepimage_cancellations_total") == 1)
-        wait_for(lambda: metric(http, "stepimage_in_flight") == 0)
+        wait_for(lambda: metric(http, "stepimage_cancellations_total") == 1, timeout=30)
+        wait_for(lambda: metric(http, "stepimage_in_flight") == 0, timeout=30)
         quick = http.post("/v1/images/generations", json=QUICK)
         assert quick.status_code == 200
