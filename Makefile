@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(CONSTRAINTS) -e '.[test,bench]'
+	$(BIN)/pip install -q $(CONSTRAINTS) -e '.[test,bench,ray]'
 	touch $@
 
 serve: $(BIN)/.installed

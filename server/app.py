@@ -2,22 +2,24 @@
 
 `create_app(settings, backend=None)` builds one independent app. Given a backend, it serves it at
 once (tests share one tiny backend); otherwise the lifespan loads the configured backend on the
-engine's worker thread while /health already answers and /ready says 503.
+engine's worker thread while /health already answers and /ready says 503. Given `engine=` (an object
+with the Engine's submit/drain interface whose models run elsewhere, such as Ray Serve's model
+replicas), it loads nothing and /ready follows that engine's own readiness.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import re
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,12 +39,43 @@ from server.storage import ResultStore
 logger = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# How often the app asks an external engine whether any of its model replicas is ready.
+READINESS_POLL_SECONDS = 1.0
+
+
+class ExternalEngine(Protocol):
+    """What the app needs from an engine whose models run outside this process (see `create_app`)."""
+
+    metrics: Metrics
+
+    @property
+    def backend(self) -> Any: ...  # something with `.info` (a BackendInfo) once known, else None
+
+    @property
+    def outstanding(self) -> int: ...
+
+    async def submit(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+        on_partial: Callable[[Any], None] | None = None,
+    ) -> Any: ...
+
+    async def ready(self) -> bool: ...
+
+    def stop_accepting(self) -> None: ...
+
+    async def wait_idle(self, timeout: float) -> bool: ...
+
+    async def drain(self, timeout: float) -> None: ...
 
 
 @dataclass
 class AppState:
     settings: Settings
-    engine: Engine
+    engine: Engine | ExternalEngine
     store: ResultStore
     metrics: Metrics
     service: ImageService
@@ -202,16 +235,25 @@ def create_app(
     *,
     backend_loader: BackendLoader | None = None,
     exit_on_load_failure: bool = False,
+    engine: ExternalEngine | None = None,
 ) -> FastAPI:
     """The app. `backend` (one, or one per device) skips loading; else `backend_loader(settings, device)`
-    (default: the configured backend) loads one replica per configured device."""
-    metrics = Metrics()
-    engine = Engine(
-        max_queue=settings.max_queue,
-        request_timeout=settings.request_timeout,
-        metrics=metrics,
-        max_batch_size=settings.max_batch_size,
-        batch_wait_ms=settings.batch_wait_ms,
+    (default: the configured backend) loads one replica per configured device. `engine` replaces the
+    local engine: nothing is loaded here, and requests, metrics and readiness go through it."""
+    external = engine
+    if external is not None and (backend is not None or backend_loader is not None):
+        raise ValueError("an external engine brings its own models: pass no backend or backend_loader with it")
+    metrics = external.metrics if external is not None else Metrics()
+    engine = (
+        external
+        if external is not None
+        else Engine(
+            max_queue=settings.max_queue,
+            request_timeout=settings.request_timeout,
+            metrics=metrics,
+            max_batch_size=settings.max_batch_size,
+            batch_wait_ms=settings.batch_wait_ms,
+        )
     )
     store = ResultStore(settings.storage_dir, settings.url_ttl)
     state = AppState(
@@ -219,13 +261,15 @@ def create_app(
         engine=engine,
         store=store,
         metrics=metrics,
-        service=ImageService(settings, engine, store, metrics),
+        service=ImageService(settings, engine, store, metrics),  # type: ignore[arg-type]
     )
     if not settings.api_keys:
         logger.warning("no API keys configured: this server accepts requests from anyone who can reach it")
 
-    async def load() -> None:
+    async def load(engine: Engine) -> None:
         try:
+            from server.backends import warm_up_backend
+
             if backend is not None:
                 given = backend if isinstance(backend, list) else [backend]
                 replicas = [(getattr(b.info, "device", "cpu"), b) for b in given]
@@ -236,12 +280,8 @@ def create_app(
                 devices = await engine.run_blocking(resolve_devices, settings)
                 replicas = [(device, await engine.run_blocking(loader, settings, device)) for device in devices]
             if settings.warmup:
-                sizes = [tuple(int(side) for side in size.split("x")) for size in settings.sizes]
                 for device, replica in replicas:
-                    started = time.perf_counter()
-                    progress = functools.partial(logger.info, "%s: %s", device)
-                    await engine.run_blocking(replica.warm_up, sizes, progress)
-                    logger.info("%s: warm-up done in %.1f s", device, time.perf_counter() - started)
+                    await engine.run_blocking(warm_up_backend, settings, device, replica)
             engine.start(replicas)
             state.ready = True
             metrics.ready.set(1)
@@ -254,6 +294,15 @@ def create_app(
             if exit_on_load_failure:
                 os.kill(os.getpid(), signal.SIGTERM)
 
+    async def follow_readiness(external: ExternalEngine) -> None:
+        """An external engine's models come and go (replicas start, fail, scale): follow them."""
+        while not state.draining:
+            ready = await external.ready()
+            if not state.draining:
+                state.ready = ready
+                metrics.ready.set(1 if ready else 0)
+            await asyncio.sleep(READINESS_POLL_SECONDS)
+
     async def sweep_forever() -> None:
         while True:
             await asyncio.sleep(settings.sweep_interval)
@@ -265,7 +314,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store.sweep()
-        loading = asyncio.create_task(load())
+        loading = asyncio.create_task(follow_readiness(external) if external is not None else load(engine))
         sweeping = asyncio.create_task(sweep_forever())
         try:
             yield

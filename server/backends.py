@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 
 from pipelines.base import Backend, ModelLoadError
 from server.config import Settings
@@ -69,6 +71,14 @@ def _load_flux2_klein(settings: Settings, device: str, dtype: str) -> Backend:
     except WeightsNotFound as exc:
         raise ModelLoadError(str(exc)) from exc
     return load_checkpoint_backend(path, checkpoint.name, options)
+
+
+def warm_up_backend(settings: Settings, device: str, backend: Backend) -> None:
+    """Run every configured generation size once (and the backend's edit sizes), logging progress."""
+    sizes = [tuple(int(side) for side in size.split("x")) for size in settings.sizes]
+    started = time.perf_counter()
+    backend.warm_up(sizes, functools.partial(logger.info, "%s: %s", device))
+    logger.info("%s: warm-up done in %.1f s", device, time.perf_counter() - started)
 
 
 def load_backend(settings: Settings, device: str | None = None) -> Backend:

@@ -1,0 +1,198 @@
+"""The Ray Serve application: an HTTP ingress and a model deployment, and `build_app` that wires them.
+
+- **StepImageIngress** serves the whole HTTP contract with the project's own FastAPI app
+  (`server.app.create_app`): routes, validation, keys, error envelope, `x-request-id`, `server-timing`,
+  metrics, image encoding and result storage. It loads no model and imports no torch; its engine is a
+  `RemoteEngine` that hands each request to a model replica.
+- **StepImageModel** is one replica per GPU (`model_gpus: 1`), anywhere in the cluster: one backend, its
+  warm-up, and the project's Engine (queue, batching, deadlines, step-boundary cancellation). Serve
+  starts it, routes to it (at most `max_queue` requests each), health-checks it, restarts it when it
+  fails and scales the count between `min_model_replicas` and `max_model_replicas` on the requests in
+  flight.
+
+A Serve config file names `server.ray_serve.app:build_app` with the arguments of
+`server.ray_serve.options.RayAppOptions` (see deploy/ray/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from pipelines.base import BackendInfo, GenerationRequest
+from server.config import Settings
+from server.engine import Engine
+from server.errors import ApiError
+from server.metrics import Metrics
+from server.ray_serve.options import RayAppOptions
+from server.ray_serve.remote import Crashed, Done, Preview, Refused, RemoteEngine
+
+logger = logging.getLogger(__name__)
+
+# Room at the ingress, beyond the model tier's capacity, for requests that never reach a model (/health,
+# /ready, /metrics, files, refusals): the ingress must never be the one that is full, or Serve's proxy
+# would answer with its own bare 503 instead of our 429.
+INGRESS_HEADROOM = 64
+# Beyond --drain-timeout, the seconds Serve gives a replica to stop before it is killed.
+SHUTDOWN_GRACE_S = 5.0
+
+
+def _configure_logging(level: str) -> None:
+    # The same format and levels as `stepimage serve`; Ray collects each replica's stderr in its logs.
+    from server.cli import _configure_logging as configure
+
+    configure(level)
+
+
+class WithoutOwnRequestIdHeader:
+    """Serve's HTTP proxy sets `x-request-id` on every response itself, with the id it put on the request
+    (the client's, else its own), which the app adopts as the request's id; the app's own copy would be
+    a second header with the same value, which clients read as "id, id". This drops the app's copy."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+            await send(message)
+
+        await self.app(scope, receive, send_without_id)
+
+
+def _import_loader(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@serve.deployment(name="StepImageModel")
+class StepImageModel:
+    """One model replica: a backend on one device, behind the project's Engine."""
+
+    async def __init__(self, settings: dict[str, Any], torch_threads: int, backend_loader: str | None) -> None:
+        from server.backends import load_backend, resolve_device, warm_up_backend
+
+        self.settings = Settings(**settings)
+        _configure_logging(self.settings.log_level)
+        self.replica = serve.get_replica_context().replica_tag
+        # More replicas than cores would fight over them: each uses the threads it reserved.
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        # Serve never routes more than max_queue requests here; the engine's own bound is looser by one
+        # batch, because a batch whose clients all left still counts until it stops at its next step.
+        self.engine = Engine(
+            max_queue=self.settings.max_queue + self.settings.max_batch_size,
+            request_timeout=self.settings.request_timeout,
+            metrics=Metrics(),
+            max_batch_size=self.settings.max_batch_size,
+            batch_wait_ms=self.settings.batch_wait_ms,
+        )
+        loader = _import_loader(backend_loader) if backend_loader else load_backend
+        device = await self.engine.run_blocking(resolve_device, self.settings)
+        # A backend that cannot load raises here: Serve reports the replica as failed and retries it.
+        backend = await self.engine.run_blocking(loader, self.settings, device)
+        if self.settings.warmup:
+            await self.engine.run_blocking(warm_up_backend, self.settings, device, backend)
+        self.engine.start([(device, backend)])
+        info = backend.info
+        logger.info("model replica %s ready on %s: backend=%s model=%s", self.replica, device, info.backend, info.model)
+
+    async def run(self, request: GenerationRequest, timeout: float, previews: bool) -> AsyncIterator[Any]:
+        """Queue one request on this replica's engine; yield its previews, then the result or the error.
+
+        When the caller cancels (client gone, deadline), Serve cancels this generator: the engine's job is
+        cancelled with it, leaving the queue or stopping its batch at the next denoising step.
+        """
+        partials: asyncio.Queue = asyncio.Queue()
+        options = {"on_partial": partials.put_nowait} if previews else {}
+        job = asyncio.ensure_future(self.engine.submit(request, timeout=timeout, **options))
+        try:
+            while not job.done():
+                waiting = asyncio.ensure_future(partials.get())
+                await asyncio.wait({job, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                if waiting.done():
+                    yield Preview(waiting.result())
+                else:
+                    waiting.cancel()
+            while not partials.empty():
+                yield Preview(partials.get_nowait())
+            try:
+                outcome = job.result()
+            except ApiError as error:
+                yield Refused.of(error)
+                return
+            except Exception:
+                logger.exception("model replica %s: the request failed", self.replica)
+                yield Crashed(self.replica)
+                return
+            yield Done(outcome, self.replica)
+        finally:
+            if not job.done():
+                job.cancel()
+
+    def describe(self) -> BackendInfo:
+        return self.engine.backend.info
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose check fails: no model loaded, or its engine worker has stopped."""
+        if not self.engine.workers:
+            raise RuntimeError("no model is loaded on this replica")
+        for worker in self.engine.workers:
+            if worker.task is None or worker.task.done():
+                raise RuntimeError(f"the engine worker for {worker.device} has stopped")
+
+    async def __del__(self) -> None:
+        # Serve lets ongoing requests finish first (graceful_shutdown_timeout_s); then stop the workers.
+        await self.engine.drain(self.settings.drain_timeout)
+
+
+@serve.deployment(name="StepImageIngress")
+@serve.ingress()
+class StepImageIngress:
+    """The HTTP contract: the project's FastAPI app, serving through the model replicas."""
+
+    def __init__(self, settings: dict[str, Any], model: DeploymentHandle, retries: int) -> None:
+        self.settings = Settings(**settings)
+        _configure_logging(self.settings.log_level)
+        self.engine = RemoteEngine(model, request_timeout=self.settings.request_timeout, retries=retries)
+
+    def __serve_build_asgi_app__(self):
+        from server.app import create_app
+
+        return WithoutOwnRequestIdHeader(create_app(self.settings, engine=self.engine))
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The Serve application from a config file's `args:` (see `RayAppOptions`)."""
+    options = args if isinstance(args, RayAppOptions) else RayAppOptions.model_validate(args or {})
+    settings = options.build_settings()
+    shutdown = {"graceful_shutdown_timeout_s": settings.drain_timeout + SHUTDOWN_GRACE_S}
+    model = StepImageModel.options(
+        ray_actor_options={"num_cpus": options.model_cpus, "num_gpus": options.model_gpus},
+        max_ongoing_requests=settings.max_queue,
+        max_queued_requests=options.queue_at_router(settings),
+        health_check_period_s=options.health_check_period_s,
+        health_check_timeout_s=options.health_check_timeout_s,
+        **options.replica_counts(),
+        **shutdown,
+    ).bind(options.settings, options.threads, options.backend_loader)
+    ingress_capacity = options.model_capacity(settings) + options.queue_at_router(settings) + INGRESS_HEADROOM
+    return StepImageIngress.options(
+        num_replicas=options.ingress_replicas,
+        ray_actor_options={"num_cpus": options.ingress_cpus},
+        max_ongoing_requests=ingress_capacity,
+        **shutdown,
+    ).bind(options.settings, model, options.retries)

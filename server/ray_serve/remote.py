@@ -1,0 +1,316 @@
+"""`RemoteEngine`: the engine the ingress's app serves through, backed by the model replicas.
+
+It has the local Engine's interface (`submit(request, *, timeout, disconnected, on_partial)`, drain,
+outstanding) so `create_app` and `ImageService` run unchanged, but each request goes over a Serve
+handle to a model replica, whose own Engine queues, batches and runs it. The call is a stream: the
+replica yields each preview, then the result (or the API error it met), so streamed partial images
+and plain responses take the same path.
+
+What it keeps of the contract across processes and hosts:
+- **Admission**: a model replica takes at most `max_queue` requests (Serve's `max_ongoing_requests`);
+  when all are full a request waits at this ingress's router, up to `router_queue` of them; past that
+  Serve raises its back-pressure error, which becomes our 429 `server_overloaded` with a Retry-After
+  from the measured seconds per image.
+- **Deadlines and disconnects**: when the client goes away or its deadline passes, the stream is
+  cancelled; Serve cancels the replica's handler, whose Engine drops the job from its queue or stops
+  its batch at the next denoising step (the replica also gets the remaining deadline, in case the
+  cancellation itself is lost).
+- **Replica faults**: a replica that dies while holding a request (a crash, a lost host, `ray.kill`)
+  does not lose it: the request is sent again, to another replica, up to `retries` times within its
+  deadline. Previews already passed on are not repeated.
+- **Readiness**: ready while at least one model replica is running (loaded and warm), as Serve's
+  controller reports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from pipelines.base import BackendInfo, GenerationRequest
+from server.engine import ClientGone, EngineResult
+from server.errors import ApiError, NotReady, Overloaded, Timeout
+from server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+# The model replica's streaming method, called through the handle.
+RUN_METHOD = "run"
+# What the model itself took, of the stages a result reports: the basis of Retry-After.
+PIPELINE_STAGES = ("encode_prompt", "denoise", "decode")
+# How long a readiness check waits for a replica to describe its model.
+DESCRIBE_TIMEOUT_S = 5.0
+
+
+# -- what a model replica streams back -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preview:
+    """One partial image set (`pipelines.base.PartialImages`) on its way."""
+
+    partial: Any
+
+
+@dataclass(frozen=True)
+class Done:
+    outcome: EngineResult
+    replica: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An API error met on the replica (queue full, deadline, shutting down), as plain values: the
+    exception classes take different constructor arguments and would not all survive pickling."""
+
+    status: int
+    type: str
+    code: str
+    message: str
+    param: str | None
+    retry_after: int | None
+
+    @classmethod
+    def of(cls, error: ApiError) -> Refused:
+        return cls(error.status, error.type, error.code, error.message, error.param, error.retry_after)
+
+    def rebuild(self) -> ApiError:
+        error = ApiError(self.message, param=self.param, retry_after=self.retry_after)
+        error.status, error.type, error.code = self.status, self.type, self.code
+        return error
+
+
+@dataclass(frozen=True)
+class Crashed:
+    """Anything else that failed on the replica; its log has the details, the client gets a 500."""
+
+    replica: str
+
+
+class ModelReplicaFailed(Exception):
+    """No model replica could produce this request's images (logged; the client sees a plain 500)."""
+
+
+@dataclass(frozen=True)
+class RemoteBackend:
+    """What /v1/models describes: the model the replicas serve."""
+
+    info: BackendInfo
+
+
+async def _until_disconnected(disconnected: Callable[[], Awaitable[bool]]) -> None:
+    from server.engine import DISCONNECT_POLL_SECONDS
+
+    while not await disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+
+
+class RemoteEngine:
+    def __init__(
+        self,
+        handle: DeploymentHandle,
+        *,
+        request_timeout: float,
+        retries: int = 2,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.metrics = metrics or Metrics()
+        self.request_timeout = request_timeout
+        self.retries = retries
+        self._handle = handle
+        self._stream = handle.options(stream=True)
+        self._accepting = True
+        self._outstanding_requests = 0
+        self._outstanding_images = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Running model replicas at the last look, and the seconds per image they take (moving average;
+        # the first guess only shapes the first Retry-After).
+        self._replicas = 0
+        self._seconds_per_image = 2.0
+        self._info: BackendInfo | None = None
+        self.replica_requests = Counter(
+            "stepimage_model_replica_requests",
+            "Image requests answered, by the model replica that ran them (Ray Serve).",
+            ["replica"],
+            registry=self.metrics.registry,
+        )
+        self.replica_retries = Counter(
+            "stepimage_model_replica_retries",
+            "Requests sent again to another model replica because theirs died (Ray Serve).",
+            registry=self.metrics.registry,
+        )
+
+    # -- the Engine interface the app uses ---------------------------------------------------------
+
+    @property
+    def backend(self) -> RemoteBackend | None:
+        return RemoteBackend(self._info) if self._info is not None else None
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def outstanding(self) -> int:
+        """Requests sent to model replicas and not answered yet (queued or running there)."""
+        return self._outstanding_requests
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking requests and give the ones at model replicas `timeout` seconds; no worker runs here."""
+        self.stop_accepting()
+        await self.wait_idle(timeout)
+
+    async def submit(
+        self,
+        request: GenerationRequest,
+        *,
+        timeout: float | None = None,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+        on_partial: Callable[[Any], None] | None = None,
+    ) -> EngineResult:
+        if not self._accepting:
+            raise NotReady("The server is shutting down; retry shortly.", retry_after=5)
+        limit = self.request_timeout if timeout is None else min(timeout, self.request_timeout)
+        self._count(request, +1)
+        call = asyncio.create_task(self._call(request, limit, on_partial))
+        gone = asyncio.create_task(_until_disconnected(disconnected)) if disconnected is not None else None
+        try:
+            done, _ = await asyncio.wait({call, gone} - {None}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+            if call in done:
+                return call.result()
+            if gone in done:
+                self.metrics.cancellations.inc()
+                raise ClientGone("The client closed the connection.")
+            self.metrics.timeouts.inc()
+            raise Timeout(f"The request did not finish within {limit:g} seconds.")
+        except asyncio.CancelledError:
+            # Serve's proxy cancels the ingress's handler when the client disconnects.
+            self.metrics.cancellations.inc()
+            raise
+        finally:
+            # Whatever ends the wait (result, deadline, client gone, or this task being cancelled because
+            # Serve saw the client go), the replica's job must not run on for nobody.
+            for task in (call, gone):
+                if task is not None and not task.done():
+                    task.cancel()
+            self._count(request, -1)
+
+    async def ready(self) -> bool:
+        """Whether at least one model replica is running; also learns what model they serve."""
+        try:
+            self._replicas = await asyncio.to_thread(self._running_replicas)
+        except Exception as exc:  # noqa: BLE001 - the controller may be restarting; keep the last answer
+            logger.warning("could not read the model replicas' status from Serve: %s", exc)
+        if self._replicas and self._info is None:
+            try:
+                self._info = await asyncio.wait_for(self._handle.describe.remote(), DESCRIBE_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - /v1/models lacks the details until a later look
+                logger.info("the model replicas could not describe their model yet: %s", exc)
+        return self._replicas > 0
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _count(self, request: GenerationRequest, sign: int) -> None:
+        self._outstanding_requests += sign
+        self._outstanding_images += sign * request.n
+        self.metrics.in_flight.set(self._outstanding_requests)
+        if self._outstanding_requests:
+            self._idle.clear()
+        else:
+            self._idle.set()
+
+    def _running_replicas(self) -> int:
+        status = serve.status()
+        application = status.applications.get(self._handle.app_name)
+        deployment = application.deployments.get(self._handle.deployment_name) if application else None
+        return deployment.replica_states.get("RUNNING", 0) if deployment else 0
+
+    def _retry_after(self) -> int:
+        replicas = max(1, self._replicas)
+        return max(1, math.ceil(self._outstanding_images * self._seconds_per_image / replicas))
+
+    def _learn(self, done: Done, request: GenerationRequest) -> None:
+        self.replica_requests.labels(done.replica).inc()
+        timings = done.outcome.result.timings_ms
+        pipeline_ms = sum(timings.get(stage, 0.0) for stage in PIPELINE_STAGES)
+        if pipeline_ms > 0:
+            per_image = pipeline_ms / 1000 / max(1, request.n)
+            self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * per_image
+
+    async def _call(
+        self, request: GenerationRequest, limit: float, on_partial: Callable[[Any], None] | None
+    ) -> EngineResult:
+        deadline = time.monotonic() + limit
+        shown = -1  # the highest preview index passed on, so that a resent request repeats none
+        attempt = 0
+        while True:
+            remaining = max(0.001, deadline - time.monotonic())
+            stream = getattr(self._stream, RUN_METHOD).remote(request, remaining, on_partial is not None)
+            finished = False
+            try:
+                async for message in stream:
+                    if isinstance(message, Preview):
+                        if on_partial is not None and message.partial.index > shown:
+                            shown = message.partial.index
+                            on_partial(message.partial)
+                        continue
+                    finished = True
+                    if isinstance(message, Done):
+                        self._learn(message, request)
+                        return message.outcome
+                    if isinstance(message, Refused):
+                        raise self._refused(message)
+                    raise ModelReplicaFailed(f"model replica {message.replica} failed; see its log")
+                finished = True
+                raise ModelReplicaFailed("the model replica ended the call without a result")
+            except BackPressureError:
+                finished = True
+                self.metrics.rejections.inc()
+                raise Overloaded(
+                    "Every model replica is at capacity; retry later.", retry_after=self._retry_after()
+                ) from None
+            except DeploymentUnavailableError:
+                finished = True
+                raise NotReady("No model replica is available; retry shortly.", retry_after=5) from None
+            except RayActorError as exc:
+                # The replica died (or became unreachable) holding this request: Serve takes it out of
+                # rotation, so sending the request again reaches another replica.
+                finished = True
+                if attempt >= self.retries:
+                    raise ModelReplicaFailed(f"the model replica stopped {attempt + 1} time(s): {exc}") from None
+                attempt += 1
+                self.replica_retries.inc()
+                logger.warning("a model replica stopped while running a request; sending it again (%d)", attempt)
+            finally:
+                if not finished:
+                    stream.cancel()
+
+    def _refused(self, refused: Refused) -> ApiError:
+        error = refused.rebuild()
+        if error.code == Overloaded.code:
+            self.metrics.rejections.inc()
+        elif error.code == Timeout.code:
+            self.metrics.timeouts.inc()
+        return error

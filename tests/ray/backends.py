@@ -1,0 +1,106 @@
+"""A probe the Ray tests use to see inside model replicas, and the tiny backend wired to it.
+
+The probe is a named Ray actor. Model replicas load `load_probed_tiny` (the app's `backend_loader`
+option), which wraps the real tiny backend: every pipeline call reports to the probe which replica
+started, finished or cancelled which requests (by seed) after how many denoising steps, and while the
+probe's gate is closed each call waits at its step boundaries, still honouring cancellation. So a test
+can hold jobs on replicas, kill a replica that provably holds one, and see a cancelled job stop.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from pipelines.base import Cancelled
+
+PROBE_NAME = "stepimage-test-probe"
+PROBE_NAMESPACE = "stepimage-tests"
+GATE_POLL_S = 0.02
+
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def __init__(self) -> None:
+        self.gate_open = True
+        self.events: list[dict] = []
+
+    def open_gate(self) -> None:
+        self.gate_open = True
+
+    def close_gate(self) -> None:
+        self.gate_open = False
+
+    def is_open(self) -> bool:
+        return self.gate_open
+
+    def record(self, event: dict) -> None:
+        self.events.append(event)
+
+    def log(self) -> list[dict]:
+        return list(self.events)
+
+
+def probe():
+    return ray.get_actor(PROBE_NAME, namespace=PROBE_NAMESPACE)
+
+
+class GatedSteps:
+    """The engine's cancel flag as the pipeline polls it at each step boundary: counts the steps and
+    holds there while the probe's gate is closed, unless the job is cancelled meanwhile."""
+
+    def __init__(self, cancel, gate) -> None:
+        self.cancel = cancel
+        self.gate = gate
+        self.polls = 0
+
+    def is_set(self) -> bool:
+        self.polls += 1
+        while True:
+            if self.cancel is not None and self.cancel.is_set():
+                return True
+            if ray.get(self.gate.is_open.remote()):
+                return False
+            time.sleep(GATE_POLL_S)
+
+
+class ProbedBackend:
+    def __init__(self, inner, replica: str) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.replica = replica
+        self.probe = probe()
+
+    def _record(self, kind: str, requests, steps: GatedSteps) -> None:
+        event = {"kind": kind, "replica": self.replica, "seeds": [r.seed for r in requests], "polls": steps.polls}
+        ray.get(self.probe.record.remote(event))
+
+    def batch_key(self, request):
+        return self.inner.batch_key(request)
+
+    def generate_batch(self, requests, cancel=None):
+        steps = GatedSteps(cancel, self.probe)
+        self._record("started", requests, steps)
+        try:
+            results = self.inner.generate_batch(requests, steps)
+        except Cancelled:
+            self._record("cancelled", requests, steps)
+            raise
+        self._record("finished", requests, steps)
+        return results
+
+    def generate(self, request, cancel=None):
+        return self.generate_batch([request], cancel)[0]
+
+    def warm_up(self, sizes, progress=None) -> None:
+        self.inner.warm_up(sizes, progress)
+
+
+def load_probed_tiny(settings, device):
+    """The app's `backend_loader` in the Ray tests: the configured (tiny) backend, reporting to the probe."""
+    from ray import serve
+
+    from server.backends import load_backend
+
+    return ProbedBackend(load_backend(settings, device), serve.get_replica_context().replica_tag)
