@@ -32,7 +32,7 @@ from server.engine import Engine
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.ray_serve.options import RayAppOptions
-from server.ray_serve.remote import Crashed, Done, Preview, Refused, RemoteEngine
+from server.ray_serve.remote import Crashed, Done, Preview, Refused, RemoteEngine, send_images_as_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class StepImageModel:
 
         self.settings = Settings(**settings)
         _configure_logging(self.settings.log_level)
+        send_images_as_arrays()
         self.replica = serve.get_replica_context().replica_tag
         # More replicas than cores would fight over them: each uses the threads it reserved.
         import torch
@@ -167,6 +168,7 @@ class StepImageIngress:
     def __init__(self, settings: dict[str, Any], model: DeploymentHandle, retries: int) -> None:
         self.settings = Settings(**settings)
         _configure_logging(self.settings.log_level)
+        send_images_as_arrays()
         self.engine = RemoteEngine(model, request_timeout=self.settings.request_timeout, retries=retries)
 
     def __serve_build_asgi_app__(self):

@@ -32,6 +32,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import ray
+from PIL import Image
 from prometheus_client import Counter
 from ray import serve
 from ray.exceptions import RayActorError
@@ -51,6 +54,36 @@ RUN_METHOD = "run"
 PIPELINE_STAGES = ("encode_prompt", "denoise", "decode")
 # How long a readiness check waits for a replica to describe its model.
 DESCRIBE_TIMEOUT_S = 5.0
+
+
+# -- images between processes ----------------------------------------------------------------------------
+
+# Images cross between processes as numpy arrays, which Ray passes out of band through its object store,
+# rather than as PIL's own pickle (its raw bytes, in band): returning a 1024x1024 RGB image over a Serve
+# handle cost 9.6 ms more than an empty reply as a PIL image, 5.0 ms as an array (measured on the 2-core
+# development machine, busy). Other modes keep PIL's own state (palette included).
+_ARRAY_MODES = frozenset({"RGB", "RGBA", "L"})
+
+
+def _image_payload(image: Image.Image) -> tuple[str, Any]:
+    if image.mode in _ARRAY_MODES:
+        return image.mode, np.asarray(image)
+    return image.mode, image.__getstate__()
+
+
+def _image_from_payload(payload: tuple[str, Any]) -> Image.Image:
+    mode, data = payload
+    if isinstance(data, np.ndarray):
+        image = Image.fromarray(data)
+        return image if image.mode == mode else image.convert(mode)
+    image = Image.Image.__new__(Image.Image)
+    image.__setstate__(data)
+    return image
+
+
+def send_images_as_arrays() -> None:
+    """Make this process send PIL images as arrays (call it in every process that sends images)."""
+    ray.util.register_serializer(Image.Image, serializer=_image_payload, deserializer=_image_from_payload)
 
 
 # -- what a model replica streams back -------------------------------------------------------------
