@@ -4,7 +4,8 @@ The probe is a named Ray actor. Model replicas load `load_probed_tiny` (the app'
 option), which wraps the real tiny backend: every pipeline call reports to the probe which replica
 started, finished or cancelled which requests (by seed) after how many denoising steps, and while the
 probe's gate is closed each call waits at its step boundaries, still honouring cancellation. So a test
-can hold jobs on replicas, kill a replica that provably holds one, and see a cancelled job stop.
+can hold jobs on replicas (from their first step boundary, or only after a few, to let previews out), kill a
+replica that provably holds one, and see a cancelled job stop.
 """
 
 from __future__ import annotations
@@ -24,16 +25,19 @@ GATE_POLL_S = 0.02
 class Probe:
     def __init__(self) -> None:
         self.gate_open = True
+        self.free_polls = 0
         self.events: list[dict] = []
 
     def open_gate(self) -> None:
         self.gate_open = True
 
-    def close_gate(self) -> None:
+    def close_gate(self, free_polls: int = 0) -> None:
+        """Hold jobs at their step boundaries, after the first `free_polls` of them."""
         self.gate_open = False
+        self.free_polls = free_polls
 
-    def is_open(self) -> bool:
-        return self.gate_open
+    def lets_through(self, polls: int) -> bool:
+        return self.gate_open or polls <= self.free_polls
 
     def record(self, event: dict) -> None:
         self.events.append(event)
@@ -60,7 +64,7 @@ class GatedSteps:
         while True:
             if self.cancel is not None and self.cancel.is_set():
                 return True
-            if ray.get(self.gate.is_open.remote()):
+            if ray.get(self.gate.lets_through.remote(self.polls)):
                 return False
             time.sleep(GATE_POLL_S)
 
@@ -79,11 +83,12 @@ class ProbedBackend:
     def batch_key(self, request):
         return self.inner.batch_key(request)
 
-    def generate_batch(self, requests, cancel=None):
+    def generate_batch(self, requests, cancel=None, progress=None):
         steps = GatedSteps(cancel, self.probe)
         self._record("started", requests, steps)
+        previews = {"progress": progress} if progress is not None else {}
         try:
-            results = self.inner.generate_batch(requests, steps)
+            results = self.inner.generate_batch(requests, steps, **previews)
         except Cancelled:
             self._record("cancelled", requests, steps)
             raise
