@@ -8,7 +8,7 @@
   warm-up, and the project's Engine (queue, batching, deadlines, step-boundary cancellation). Serve
   starts it, routes to it (at most `max_queue` requests each), health-checks it, restarts it when it
   fails and scales the count between `min_model_replicas` and `max_model_replicas` on the requests in
-  flight.
+  flight. The ingress bounds what it sends (see `RemoteEngine`).
 
 A Serve config file names `server.ray_serve.app:build_app` with the arguments of
 `server.ray_serve.options.RayAppOptions` (see deploy/ray/).
@@ -165,11 +165,18 @@ class StepImageModel:
 class StepImageIngress:
     """The HTTP contract: the project's FastAPI app, serving through the model replicas."""
 
-    def __init__(self, settings: dict[str, Any], model: DeploymentHandle, retries: int) -> None:
+    def __init__(self, settings: dict[str, Any], model: DeploymentHandle, router_queue: int, retries: int) -> None:
         self.settings = Settings(**settings)
         _configure_logging(self.settings.log_level)
         send_images_as_arrays()
-        self.engine = RemoteEngine(model, request_timeout=self.settings.request_timeout, retries=retries)
+        self.engine = RemoteEngine(
+            model,
+            request_timeout=self.settings.request_timeout,
+            per_replica=self.settings.max_queue,
+            router_queue=router_queue,
+            retries=retries,
+            ingress=serve.get_replica_context().deployment,
+        )
 
     def __serve_build_asgi_app__(self):
         from server.app import create_app
@@ -182,19 +189,21 @@ def build_app(args: dict[str, Any]) -> Application:
     options = args if isinstance(args, RayAppOptions) else RayAppOptions.model_validate(args or {})
     settings = options.build_settings()
     shutdown = {"graceful_shutdown_timeout_s": settings.drain_timeout + SHUTDOWN_GRACE_S}
+    router_queue = options.queue_at_router(settings)
     model = StepImageModel.options(
         ray_actor_options={"num_cpus": options.model_cpus, "num_gpus": options.model_gpus},
         max_ongoing_requests=settings.max_queue,
-        max_queued_requests=options.queue_at_router(settings),
+        # Only a backstop: the ingress keeps the bound exactly (server/ray_serve/remote.py).
+        max_queued_requests=options.model_capacity(settings) + router_queue,
         health_check_period_s=options.health_check_period_s,
         health_check_timeout_s=options.health_check_timeout_s,
         **options.replica_counts(),
         **shutdown,
     ).bind(options.settings, options.threads, options.backend_loader)
-    ingress_capacity = options.model_capacity(settings) + options.queue_at_router(settings) + INGRESS_HEADROOM
+    ingress_capacity = options.model_capacity(settings) + router_queue + INGRESS_HEADROOM
     return StepImageIngress.options(
         num_replicas=options.ingress_replicas,
         ray_actor_options={"num_cpus": options.ingress_cpus},
         max_ongoing_requests=ingress_capacity,
         **shutdown,
-    ).bind(options.settings, model, options.retries)
+    ).bind(options.settings, model, router_queue, options.retries)

@@ -8,9 +8,13 @@ and plain responses take the same path.
 
 What it keeps of the contract across processes and hosts:
 - **Admission**: a model replica takes at most `max_queue` requests (Serve's `max_ongoing_requests`);
-  when all are full a request waits at this ingress's router, up to `router_queue` of them; past that
-  Serve raises its back-pressure error, which becomes our 429 `server_overloaded` with a Retry-After
-  from the measured seconds per image.
+  when all are full a request waits at this ingress's router, up to `router_queue` of them. The bound
+  is kept here, exactly, as in one process: an ingress replica holds at most its share of the running
+  model replicas' `max_queue`s plus `router_queue`, and the next request gets our 429
+  `server_overloaded` at once, with a Retry-After from the measured seconds per image. Serve's own
+  bound (`max_queued_requests`, its back-pressure error) is only a backstop: it counts a request as
+  queued while the request picks a replica, so a burst arriving together passes it together (11 of
+  8 accepted in the Ray tests on the busy 2-core machine) or is refused while replicas have room.
 - **Deadlines and disconnects**: when the client goes away or its deadline passes, the stream is
   cancelled; Serve cancels the replica's handler, whose Engine drops the job from its queue or stops
   its batch at the next denoising step (the replica also gets the remaining deadline, in case the
@@ -155,12 +159,19 @@ class RemoteEngine:
         handle: DeploymentHandle,
         *,
         request_timeout: float,
+        per_replica: int,
+        router_queue: int,
         retries: int = 2,
+        ingress: str | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
         self.request_timeout = request_timeout
+        self.per_replica = per_replica
+        self.router_queue = router_queue
         self.retries = retries
+        # This ingress's deployment, whose replicas share the model replicas (None: this one alone).
+        self._ingress = ingress
         self._handle = handle
         self._stream = handle.options(stream=True)
         self._accepting = True
@@ -168,9 +179,10 @@ class RemoteEngine:
         self._outstanding_images = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        # Running model replicas at the last look, and the seconds per image they take (moving average;
-        # the first guess only shapes the first Retry-After).
+        # Running model and ingress replicas at the last look, and the seconds per image the model replicas
+        # take (moving average; the first guess only shapes the first Retry-After).
         self._replicas = 0
+        self._ingress_replicas = 1
         self._seconds_per_image = 2.0
         self._info: BackendInfo | None = None
         self.replica_requests = Counter(
@@ -225,6 +237,12 @@ class RemoteEngine:
     ) -> EngineResult:
         if not self._accepting:
             raise NotReady("The server is shutting down; retry shortly.", retry_after=5)
+        if self._outstanding_requests >= self.admission_limit:
+            self.metrics.rejections.inc()
+            raise Overloaded(
+                f"The server is at capacity ({self._outstanding_requests} requests queued or running); retry later.",
+                retry_after=self._retry_after(),
+            )
         limit = self.request_timeout if timeout is None else min(timeout, self.request_timeout)
         self._count(request, +1)
         call = asyncio.create_task(self._call(request, limit, on_partial))
@@ -253,7 +271,7 @@ class RemoteEngine:
     async def ready(self) -> bool:
         """Whether at least one model replica is running; also learns what model they serve."""
         try:
-            self._replicas = await asyncio.to_thread(self._running_replicas)
+            self._replicas, self._ingress_replicas = await asyncio.to_thread(self._running_replicas)
         except Exception as exc:  # noqa: BLE001 - the controller may be restarting; keep the last answer
             logger.warning("could not read the model replicas' status from Serve: %s", exc)
         if self._replicas and self._info is None:
@@ -274,11 +292,24 @@ class RemoteEngine:
         else:
             self._idle.set()
 
-    def _running_replicas(self) -> int:
+    @property
+    def admission_limit(self) -> int:
+        """Requests this ingress replica holds at most: its share of what the running model replicas take, plus
+        what may wait at its router."""
+        share = math.ceil(self._replicas * self.per_replica / max(1, self._ingress_replicas))
+        return share + self.router_queue
+
+    def _running_replicas(self) -> tuple[int, int]:
+        """Running replicas of the model deployment, and of this ingress's deployment (at least this one)."""
         status = serve.status()
         application = status.applications.get(self._handle.app_name)
-        deployment = application.deployments.get(self._handle.deployment_name) if application else None
-        return deployment.replica_states.get("RUNNING", 0) if deployment else 0
+        deployments = application.deployments if application else {}
+
+        def running(name: str | None) -> int:
+            deployment = deployments.get(name) if name else None
+            return deployment.replica_states.get("RUNNING", 0) if deployment else 0
+
+        return running(self._handle.deployment_name), max(1, running(self._ingress))
 
     def _retry_after(self) -> int:
         replicas = max(1, self._replicas)
@@ -318,7 +349,7 @@ class RemoteEngine:
                     raise ModelReplicaFailed(f"model replica {message.replica} failed; see its log")
                 finished = True
                 raise ModelReplicaFailed("the model replica ended the call without a result")
-            except BackPressureError:
+            except BackPressureError:  # the backstop (see the module's docstring)
                 finished = True
                 self.metrics.rejections.inc()
                 raise Overloaded(

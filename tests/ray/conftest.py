@@ -36,9 +36,7 @@ KEY = "ray-test-key"
 SMALL = "64x64"
 MODEL_REPLICAS = 2
 MAX_QUEUE = 2
-# Serve counts a request as queued at the router while it picks a replica, so requests arriving together can be
-# refused although a replica has room (seen with 2 here on the busy 2-core machine): above the tests' bursts.
-ROUTER_QUEUE = 4
+ROUTER_QUEUE = 2
 READY_TIMEOUT_S = 180.0
 
 

@@ -171,7 +171,9 @@ def test_the_deployments_get_the_admission_bounds_from_the_settings():
     model = ingress.init_args[1]._bound_deployment
     assert (ingress.name, model.name) == (StepImageIngress.name, StepImageModel.name)
     assert model.max_ongoing_requests == 3
-    assert model.max_queued_requests == 5
+    # Serve's own queue bound is only a backstop, above the tier's size: the ingress keeps the bound exactly.
+    assert model.max_queued_requests == 2 * 3 + 5
+    assert ingress.init_args[2] == 5  # the ingress's router queue
     assert model.num_replicas == 2
     assert model.ray_actor_options["num_gpus"] == 1
     # The ingress is never the one that is full: it holds the model tier's capacity and more.
