@@ -5,7 +5,8 @@ option), which wraps the real tiny backend: every pipeline call reports to the p
 started, finished or cancelled which requests (by seed) after how many denoising steps, and while the
 probe's gate is closed each call waits at its step boundaries, still honouring cancellation. So a test
 can hold jobs on replicas (from their first step boundary, or only after a few, to let previews out), kill a
-replica that provably holds one, and see a cancelled job stop.
+replica that provably holds one, see a cancelled job stop, and stop a replica's engine worker once (what a fault
+that escapes the engine's error handling does) to see Serve's health check replace the replica.
 """
 
 from __future__ import annotations
@@ -26,7 +27,18 @@ class Probe:
     def __init__(self) -> None:
         self.gate_open = True
         self.free_polls = 0
+        self.worker_stops = 0
         self.events: list[dict] = []
+
+    def stop_a_worker(self) -> None:
+        """The next job to start ends its replica's engine worker instead of running."""
+        self.worker_stops += 1
+
+    def take_worker_stop(self) -> bool:
+        if self.worker_stops:
+            self.worker_stops -= 1
+            return True
+        return False
 
     def open_gate(self) -> None:
         self.gate_open = True
@@ -44,6 +56,10 @@ class Probe:
 
     def log(self) -> list[dict]:
         return list(self.events)
+
+
+class WorkerStopped(BaseException):
+    """Not an Exception: the engine's worker does not catch it, and its task ends (asyncio lets the loop run on)."""
 
 
 def probe():
@@ -86,6 +102,9 @@ class ProbedBackend:
     def generate_batch(self, requests, cancel=None, progress=None):
         steps = GatedSteps(cancel, self.probe)
         self._record("started", requests, steps)
+        if ray.get(self.probe.take_worker_stop.remote()):
+            self._record("worker stopped", requests, steps)
+            raise WorkerStopped()
         previews = {"progress": progress} if progress is not None else {}
         try:
             results = self.inner.generate_batch(requests, steps, **previews)

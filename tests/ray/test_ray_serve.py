@@ -399,6 +399,20 @@ def test_a_stream_whose_replica_dies_goes_on_elsewhere_without_repeating_a_previ
     assert metric(http, "stepimage_model_replica_retries_total") == retries_before + 1
 
 
+def test_a_replica_whose_engine_worker_stopped_fails_its_health_check_and_is_replaced(cluster, http):
+    retries_before = metric(http, "stepimage_model_replica_retries_total")
+    ray.get(cluster.probe.stop_a_worker.remote())
+    # The request's job is lost with the worker; Serve's health check finds the worker gone, replaces the replica,
+    # and the ingress sends the request to the other one.
+    response = post(cluster, 8001)
+    assert response.status_code == 200, response.text
+    (stopped,) = events_for(cluster, 8001, "worker stopped")
+    (finished,) = events_for(cluster, 8001, "finished")
+    assert finished["replica"] != stopped["replica"]
+    assert metric(http, "stepimage_model_replica_retries_total") == retries_before + 1
+    wait_for_replacements({stopped["replica"]})
+
+
 def test_ready_is_503_while_no_model_replica_runs_then_200_again(cluster, http):
     before = model_replica_tags()
     for tag in before:
