@@ -312,8 +312,9 @@ class RemoteEngine:
         return running(self._handle.deployment_name), max(1, running(self._ingress))
 
     def _retry_after(self) -> int:
-        replicas = max(1, self._replicas)
-        return max(1, math.ceil(self._outstanding_images * self._seconds_per_image / replicas))
+        """Seconds until the work this ingress replica holds is done, on its share of the model replicas."""
+        share = max(1, self._replicas) / self._ingress_replicas
+        return max(1, math.ceil(self._outstanding_images * self._seconds_per_image / share))
 
     def _learn(self, done: Done, request: GenerationRequest) -> None:
         self.replica_requests.labels(done.replica).inc()
