@@ -152,6 +152,9 @@ class ImageService:
             image=image,
             n=fields.n,
         )
+        if fields.response_format == "url":
+            # Refused before the engine: no compute is spent on a result that could not be stored.
+            self.store.require_healthy()
         outcome = await self.engine.submit(request, timeout=client.timeout, disconnected=client.disconnected)
         result = outcome.result
 
