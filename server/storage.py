@@ -216,14 +216,9 @@ class ResultStore(abc.ABC):
         return created + self.ttl - now
 
     def _refusal(self, reason: str, full: bool) -> errors.ApiError:
-        advice = "Ask for response_format=b64_json, or retry later."
-        if full:
-            return errors.InsufficientStorage(
-                f"The result cannot be stored: {reason}. {advice}", retry_after=self.retry_after
-            )
-        return errors.StorageUnavailable(
-            f"The result cannot be stored: {reason}. {advice}", retry_after=self.retry_after
-        )
+        kind = errors.InsufficientStorage if full else errors.StorageUnavailable
+        message = f"The result cannot be stored: {reason}. Ask for response_format=b64_json, or retry later."
+        return kind(message, retry_after=self.retry_after)
 
     def _set_health(self, health: StorageHealth) -> None:
         self.health = health
