@@ -188,6 +188,12 @@ def build_app(args: dict[str, Any]) -> Application:
     """The Serve application from a config file's `args:` (see `RayAppOptions`)."""
     options = args if isinstance(args, RayAppOptions) else RayAppOptions.model_validate(args or {})
     settings = options.build_settings()
+    if options.ingress_replicas > 1 and settings.storage == "local":
+        logger.warning(
+            "%d ingress replicas with storage local: a url link works only through the replicas on the host that "
+            "stored it; set storage s3 so that every replica serves every link",
+            options.ingress_replicas,
+        )
     shutdown = {"graceful_shutdown_timeout_s": settings.drain_timeout + SHUTDOWN_GRACE_S}
     router_queue = options.queue_at_router(settings)
     model = StepImageModel.options(

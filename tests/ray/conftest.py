@@ -3,7 +3,8 @@
 `ray.init` with a small fixed resource count (4 logical CPUs, no dashboard, a small object store), Serve's
 HTTP proxy on a free loopback port, and the application built from deploy/ray/stepimage-tiny.yaml's own
 arguments with test overrides: two model replicas of the tiny backend, each wired to the probe
-(tests/ray/backends.py), small queues so saturation is cheap to reach. Everything is shut down at the end.
+(tests/ray/backends.py), small queues so saturation is cheap to reach, and url results in a bucket of the
+session's real S3 server (SeaweedFS, tests/s3server.py) with a short lifetime. Everything is shut down at the end.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ KEY = "ray-test-key"
 SMALL = "64x64"
 MODEL_REPLICAS = 2
 MAX_QUEUE = 2
+# Seconds a url result lives (longer than an ingress replica takes to be replaced, about 10 s on the busy 2-core
+# machine), and between sweeps of expired ones: short, so that expiry and deletion can be seen.
+URL_TTL = 30
+SWEEP_INTERVAL = 1
 ROUTER_QUEUE = 2
 READY_TIMEOUT_S = 180.0
 
@@ -44,12 +49,15 @@ def config_args(path: Path = TINY_CONFIG) -> dict:
     return yaml.safe_load(path.read_text())["applications"][0]["args"]
 
 
-def test_args(storage_dir: Path) -> dict:
-    """The tiny config's arguments, made small and observable for tests."""
+def test_args(storage: dict) -> dict:
+    """The tiny config's arguments, made small and observable for tests; `storage`: the result storage settings."""
     args = config_args()
+    args["settings"].pop("storage_dir")
     args["settings"].update(
         api_keys=[KEY],
-        storage_dir=str(storage_dir),
+        **storage,
+        url_ttl=URL_TTL,
+        sweep_interval=SWEEP_INTERVAL,
         warmup=False,
         extra_sizes=[SMALL],
         max_queue=MAX_QUEUE,
@@ -74,7 +82,8 @@ def test_args(storage_dir: Path) -> dict:
 class Cluster:
     base_url: str
     probe: object
-    storage_dir: Path
+    s3: object  # tests.s3server.S3Server
+    bucket: str
 
     def events(self) -> list[dict]:
         return ray.get(self.probe.log.remote())
@@ -89,9 +98,9 @@ class Cluster:
             ray.get(self.probe.open_gate.remote())
 
 
-def model_replica_tags() -> set[str]:
-    """Tags of the model replicas whose actors are alive."""
-    prefix = f"SERVE_REPLICA::{APP}#{MODEL}#"
+def replica_tags(deployment: str = MODEL) -> set[str]:
+    """Tags of the deployment's replicas whose actors are alive."""
+    prefix = f"SERVE_REPLICA::{APP}#{deployment}#"
     return {
         actor["name"][len(prefix) :]
         for actor in ray.util.list_named_actors(all_namespaces=True)
@@ -115,10 +124,11 @@ def wait_ready(base_url: str, timeout: float = READY_TIMEOUT_S) -> None:
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    storage_dir = tmp_path_factory.mktemp("ray-files")
+def cluster(s3_server) -> Iterator[Cluster]:
+    bucket = s3_server.new_bucket("ray")
     # The cluster's processes inherit this environment: no ambient STEPIMAGE_* setting may leak into the
-    # application under test, and the replicas must find the probe's module in this checkout.
+    # application under test. The replicas find the probe's module in this checkout, and the bucket's
+    # credentials where an operator puts them, in AWS_* variables.
     saved = {key: os.environ.pop(key) for key in list(os.environ) if key.startswith("STEPIMAGE_")}
     try:
         ray.init(
@@ -127,7 +137,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             object_store_memory=128 * 1024 * 1024,
             namespace=PROBE_NAMESPACE,
             log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **s3_server.env()}},
         )
     finally:
         os.environ.update(saved)
@@ -137,10 +147,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         probe = Probe.options(name=PROBE_NAME, namespace=PROBE_NAMESPACE).remote()
         from server.ray_serve.app import build_app
 
-        serve.run(build_app(test_args(storage_dir)), name=APP, route_prefix="/")
+        serve.run(build_app(test_args(s3_server.settings(bucket))), name=APP, route_prefix="/")
         base_url = f"http://127.0.0.1:{port}"
         wait_ready(base_url)
-        yield Cluster(base_url=base_url, probe=probe, storage_dir=storage_dir)
+        yield Cluster(base_url=base_url, probe=probe, s3=s3_server, bucket=bucket)
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()

@@ -27,8 +27,10 @@ from tests.ray.conftest import (
     MODEL_REPLICAS,
     ROUTER_QUEUE,
     SMALL,
-    model_replica_tags,
+    URL_TTL,
+    replica_tags,
     running_model_replicas,
+    wait_ready,
 )
 
 ray = pytest.importorskip("ray")
@@ -217,6 +219,33 @@ def test_url_results_are_stored_and_downloadable(cluster, http):
     assert Image.open(io.BytesIO(download.content)).size == (64, 64)
 
 
+def test_url_results_live_in_the_bucket_outlive_the_ingress_that_wrote_them_and_expire(cluster, http):
+    response = http.post("/v1/images/generations", json={**BODY, "seed": 9001, "response_format": "url"})
+    url = response.json()["data"][0]["url"]
+    name = url.rsplit("/", 1)[1]
+    first = httpx.get(url, timeout=30)
+    assert first.status_code == 200
+
+    def stored() -> list[str]:
+        return [key for key in cluster.s3.keys(cluster.bucket) if key.endswith(name)]
+
+    assert stored()
+    # Every ingress replica that wrote or served it goes away; their replacements serve the link from the bucket.
+    writers = replica_tags(INGRESS)
+    for tag in writers:
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#{INGRESS}#{tag}", namespace="serve"), no_restart=True)
+    wait_for(lambda: replica_tags(INGRESS) and not replica_tags(INGRESS) & writers, 120)
+    wait_ready(cluster.base_url)
+    again = httpx.get(url, timeout=30)
+    assert again.status_code == 200
+    assert again.content == first.content
+    # Expiry is the server's, not a header's: the link answers 404 after its lifetime, and the sweep deletes it.
+    wait_for(lambda: httpx.get(url, timeout=30).status_code == 404, URL_TTL + 30)
+    expired = httpx.get(url, timeout=30)
+    assert expired.json()["error"]["code"] == "not_found"
+    wait_for(lambda: not stored(), 60)
+
+
 def test_the_ingress_does_no_torch_work(cluster, http):
     assert http.get("/ready").status_code == 200
     ingress = process_ids(f"ServeReplica:{APP}:{INGRESS}")
@@ -339,11 +368,11 @@ def wait_for_replacements(gone: set[str], timeout: float = 180.0) -> set[str]:
     """Wait until Serve runs the full count of model replicas again, none of them in `gone`."""
 
     def replaced() -> bool:
-        tags = model_replica_tags()
+        tags = replica_tags()
         return len(tags) == MODEL_REPLICAS and not tags & gone and running_model_replicas() == MODEL_REPLICAS
 
     wait_for(replaced, timeout)
-    return model_replica_tags()
+    return replica_tags()
 
 
 def test_killing_a_replica_under_load_loses_no_request_and_it_comes_back(cluster, http):
@@ -414,7 +443,7 @@ def test_a_replica_whose_engine_worker_stopped_fails_its_health_check_and_is_rep
 
 
 def test_ready_is_503_while_no_model_replica_runs_then_200_again(cluster, http):
-    before = model_replica_tags()
+    before = replica_tags()
     for tag in before:
         kill_replica(tag)
 

@@ -79,6 +79,8 @@ def test_gpu_configs_put_one_replica_on_each_gpu_and_the_tiny_one_on_cpus():
             assert settings.backend == "flux2-klein" and options.model_gpus == 1
             assert options.max_model_replicas > options.min_model_replicas  # autoscaled
             assert not settings.api_keys  # keys come from the hosts' environment, never the file
+            # Several ingress replicas only with results in a bucket, where each serves every link.
+            assert options.ingress_replicas == 1 or settings.storage == "s3"
 
 
 def test_rayservice_runs_the_pinned_ray_with_weights_and_gpus_where_the_config_says():
@@ -104,21 +106,25 @@ def test_rayservice_runs_the_pinned_ray_with_weights_and_gpus_where_the_config_s
     assert workers["maxReplicas"] * gpus >= options.max_model_replicas * options.model_gpus
     mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
     assert mounts[str(settings.weights_dir)]["readOnly"] is True
-    assert str(settings.storage_dir).startswith(next(path for path in mounts if path != str(settings.weights_dir)))
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     assert volumes[mounts[str(settings.weights_dir)]["name"]]["persistentVolumeClaim"]["readOnly"] is True
+    # Results go to a bucket, so every ingress replica serves every link.
+    assert settings.storage == "s3" and settings.s3_bucket
+    assert options.ingress_replicas > 1
     for group in (head["template"]["spec"], pod):
         for entry in group["containers"][0].get("env", []):
+            assert entry["name"].startswith(("STEPIMAGE_", "HF_")), entry
             if entry["name"].startswith("STEPIMAGE_"):
                 assert entry["name"] in SETTING_ENV_NAMES, entry
-    # Keys come from a Secret, never from the manifest.
+    # Keys and bucket credentials come from Secrets, never from the manifest.
     assert "api_keys" not in args["settings"]
-    assert container["envFrom"][0]["secretRef"]["name"]
+    assert "AWS_SECRET_ACCESS_KEY" not in RAYSERVICE.read_text().split("kind: RayService")[1]
+    assert len([source["secretRef"]["name"] for source in container["envFrom"]]) == 2
 
 
 def test_the_kuberay_image_adds_the_ray_extra_and_wget_to_the_project_image():
     dockerfile = (ROOT / "deploy" / "kuberay" / "Dockerfile").read_text()
-    assert 'pip install --no-cache-dir "/app[ray]"' in dockerfile
+    assert 'pip install --no-cache-dir "/app[ray,s3]"' in dockerfile
     assert "wget" in dockerfile
     images = {
         c["image"] for c in rayservice()["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
