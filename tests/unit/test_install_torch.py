@@ -165,7 +165,9 @@ class _Index(http.server.BaseHTTPRequestHandler):
         found = self.path == "/whl/cpu/torch/"
         self.send_response(200 if found else 404)
         self.end_headers()
-        self.wfile.write(b'<a href="torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl">torch</a>' if found else b"")
+        self.wfile.write(
+            b'<a href="torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl">torch</a>' if found else b""
+        )
 
     def log_message(self, *args):
         pass
@@ -187,7 +189,9 @@ def test_index_probe_against_a_real_server_and_a_closed_port():
     assert install_torch.index_reachable("not a url") is False
 
 
-def run_script(tmp_path: Path, *args: str, find_links: str = "", index: str | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    tmp_path: Path, *args: str, find_links: str = "", index: str | None = None
+) -> subprocess.CompletedProcess:
     # No nvidia-smi on PATH, no pip configuration: the script sees only what the test gives it.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
