@@ -124,6 +124,9 @@ def serve(args: argparse.Namespace) -> int:
         for problem in exc.errors():
             field = ".".join(str(part) for part in problem["loc"])
             message = problem["msg"].removeprefix("Value error, ")
+            given = problem.get("input")
+            if isinstance(given, str) and repr(given) not in message:
+                message += f", got {given[:100]!r}"
             sys.stderr.write(f"stepimage serve: {_flag(field)}: {message}\n")
         return EXIT_USAGE
     _configure_logging(settings.log_level)

@@ -24,6 +24,7 @@ import functools
 import http
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -43,33 +44,35 @@ MAX_HEAD_BYTES = 16 * 1024
 # this long before closing: closing a socket with unread data makes the kernel send a reset, which can destroy
 # the answer before the client reads it.
 LINGER_SECONDS = 2.0
+# Where a request head ends: h11 accepts bare LF line endings as well as CRLF.
+_HEAD_END = re.compile(rb"\n\r?\n")
 # Connections come and go within seconds; an over-capacity client may retry soon.
 OVER_CAPACITY_RETRY_AFTER_S = 1
 # One warning per this many seconds while connections are refused, with the count, rather than one per request.
 WARN_EVERY_S = 10.0
 
 
-def raw_error_response(error: errors.ApiError) -> bytes:
-    """A complete HTTP/1.1 response carrying `error` in the API's envelope, closing the connection."""
+def _envelope(error: errors.ApiError) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, headers and body of `error` in the API's envelope, on a connection that closes after it."""
     mapped = errors.to_response(error)
     body = json.dumps(mapped.body).encode()
-    headers = {
-        "content-type": "application/json",
-        "content-length": str(len(body)),
-        **{name.lower(): value for name, value in mapped.headers.items()},
-        "connection": "close",
-    }
-    head = f"HTTP/1.1 {mapped.status} {http.HTTPStatus(mapped.status).phrase}\r\n"
-    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    headers = [("content-type", "application/json"), ("content-length", str(len(body))), ("connection", "close")]
+    headers += [(name.lower(), value) for name, value in mapped.headers.items() if name.lower() != "connection"]
+    return mapped.status, headers, body
+
+
+def raw_error_response(error: errors.ApiError) -> bytes:
+    """A complete HTTP/1.1 response carrying `error`, for answers given below the app."""
+    status, headers, body = _envelope(error)
+    head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers)
     return head.encode("latin-1") + b"\r\n" + body
 
 
 async def _answer(error: errors.ApiError, send: Any) -> None:
-    mapped = errors.to_response(error)
-    body = json.dumps(mapped.body).encode()
-    headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
-    headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in mapped.headers.items()]
-    await send({"type": "http.response.start", "status": mapped.status, "headers": headers})
+    status, headers, body = _envelope(error)
+    raw_headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -159,9 +162,13 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return
-        if self._header_timer is None and self.conn.their_state is h11.IDLE:
-            # The first byte of a new request on a kept-alive connection: its head is now on the clock.
-            self._arm_header_timer()
+        if self.conn.their_state is h11.IDLE:
+            if self._header_timer is None:
+                # The first byte of a new request on a kept-alive connection: its head is now on the clock.
+                self._arm_header_timer()
+            if self._head_too_long(data):
+                self._answer_and_close(self._headers_too_large())
+                return
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:
             self._cancel_header_timer()
@@ -195,6 +202,23 @@ class GuardedH11Protocol(H11Protocol):
 
     # -- protocol errors ----------------------------------------------------------------------------------------
 
+    @property
+    def _head_limit(self) -> int:
+        return self.config.h11_max_incomplete_event_size or MAX_HEAD_BYTES
+
+    def _head_too_long(self, data: bytes) -> bool:
+        """Whether the request head being received is over the limit. h11 checks only a head it cannot parse
+        yet, so a whole head over the limit that arrives in one read (up to 64 KiB) would pass it."""
+        buffered, _ = self.conn.trailing_data
+        window = (buffered + data)[: self._head_limit + 4]
+        end = _HEAD_END.search(window)
+        return (end.start() if end else len(window)) > self._head_limit
+
+    def _headers_too_large(self) -> errors.ApiError:
+        return errors.HeadersTooLarge(
+            f"The request's headers are larger than the server's limit of {self._head_limit // 1024} KiB."
+        )
+
     def send_400_response(self, msg: str) -> None:
         """uvicorn calls this when h11 rejects the request's bytes; answer in the envelope, with h11's status."""
         if self.cycle is not None and not self.cycle.response_complete:
@@ -206,10 +230,7 @@ class GuardedH11Protocol(H11Protocol):
                 return
         problem = self.conn.last_error
         if problem is not None and problem.error_status_hint == 431:
-            limit_kib = (self.config.h11_max_incomplete_event_size or MAX_HEAD_BYTES) // 1024
-            error: errors.ApiError = errors.HeadersTooLarge(
-                f"The request's headers are larger than the server's limit of {limit_kib} KiB."
-            )
+            error = self._headers_too_large()
         else:
             detail = str(problem) if problem is not None else msg
             error = errors.InvalidRequest(None, f"The request is not valid HTTP/1.1: {detail}", code="invalid_http")
