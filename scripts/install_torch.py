@@ -39,6 +39,11 @@ DEFAULT_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 INDEX_PROBE_TIMEOUT_S = 5.0
 MIN_PYTHON = (3, 11)
 BUILDS = ("auto", "cpu", "cuda")
+# What PyPI's Linux wheel of each pinned torch is built for: its CUDA line and the oldest host driver that runs it
+# (NVIDIA's minor-version compatibility: any R580+ driver runs every CUDA 13.x runtime), from the wheel's own
+# requirements (torch 2.13.0 requires cuda-toolkit 13.0.3). The CUDA image's base (Dockerfile) and the README follow
+# this table; tests/unit/test_deployment.py checks that they agree.
+PYPI_CUDA_BUILD = {"2.13.0": {"cuda": "13.0", "min_driver": "580"}}
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,9 @@ def choose(probe: Probe, version: str) -> Plan:
     requirement = f"torch=={version}"
     if probe.build == "cuda" or (probe.build == "auto" and probe.gpu):
         why = "asked for the CUDA build" if probe.build == "cuda" else "an NVIDIA GPU is present"
-        return Plan("index", f"{why}: the CUDA build of torch {version}", [[requirement]])
+        build = PYPI_CUDA_BUILD.get(version)
+        needs = f" (CUDA {build['cuda']}: NVIDIA driver {build['min_driver']} or newer)" if build else ""
+        return Plan("index", f"{why}: the CUDA build of torch {version}{needs}", [[requirement]])
     if not probe.linux:
         return Plan("index", f"not Linux: the package index's torch {version} has no CUDA libraries", [[requirement]])
     why = "asked for the CPU build" if probe.build == "cpu" else "no NVIDIA GPU found"
