@@ -208,6 +208,7 @@ class DrainingServer(uvicorn.Server):
             _exit_now(EXIT_CUT_SHORT)
         if not self.state.loaded:
             logger.info("%s: stopping (the model was still loading; nothing to drain)", name)
+            self.state.begin_drain()
             self.should_exit = True
             return
         if count == 1:
@@ -247,6 +248,8 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self.state.stop_requested and not self.should_exit:
             logger.error("stopping: the model could not be loaded")
+            # Requests still open (an upload) are answered 503 when the server stops, as after a signal.
+            self.state.begin_drain()
             self.should_exit = True
         return await super().on_tick(counter)
 
