@@ -133,8 +133,13 @@ def serve(args: argparse.Namespace) -> int:
     _quiet_progress_bars()
     from server.app import create_app
     from server.connections import MAX_HEAD_BYTES, protocol_factory
+    from server.storage import StorageConfigError
 
-    app = create_app(settings, exit_on_load_failure=True)
+    try:
+        app = create_app(settings, exit_on_load_failure=True)
+    except StorageConfigError as exc:  # checked before any model work; one line, no traceback
+        sys.stderr.write(f"stepimage serve: {exc}\n")
+        return EXIT_USAGE
     config = uvicorn.Config(
         app,
         host=settings.host,
