@@ -25,8 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from server.config import Settings
 
-# Where and on which port to listen is Serve's business (http_options in the config file).
-SERVE_OWNED_SETTINGS = ("host", "port")
+# Settings of `stepimage serve`'s own HTTP server. Under Ray Serve its proxy serves HTTP, configured by the
+# config file's http_options; accepting them here would ignore them silently.
+SERVE_OWNED_SETTINGS = ("host", "port", "header_timeout", "keep_alive_timeout", "max_connections")
 
 
 class RayAppOptions(BaseModel):
@@ -83,7 +84,8 @@ class RayAppOptions(BaseModel):
         owned = [name for name in SERVE_OWNED_SETTINGS if name in values]
         if owned:
             raise ValueError(
-                f"{', '.join(owned)} belong to Ray Serve here: set http_options (host, port) in the Serve config"
+                f"{', '.join(owned)} configure `stepimage serve`'s own HTTP server; Ray Serve's proxy serves HTTP "
+                "here: set http_options (host, port, keep_alive_timeout_s) in the Serve config"
             )
         settings = Settings(**values)
         if len(settings.devices) > 1:

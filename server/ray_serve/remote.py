@@ -179,6 +179,9 @@ class RemoteEngine:
         self._outstanding_images = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Calls to model replicas under way; fail_all answers them with its error instead of their result.
+        self._calls: set[asyncio.Task] = set()
+        self._failed: dict[asyncio.Task, Callable[[], ApiError]] = {}
         # Running model and ingress replicas at the last look, and the seconds per image the model replicas
         # take (moving average; the first guess only shapes the first Retry-After).
         self._replicas = 0
@@ -246,9 +249,12 @@ class RemoteEngine:
         limit = self.request_timeout if timeout is None else min(timeout, self.request_timeout)
         self._count(request, +1)
         call = asyncio.create_task(self._call(request, limit, on_partial))
+        self._calls.add(call)
         gone = asyncio.create_task(_until_disconnected(disconnected)) if disconnected is not None else None
         try:
             done, _ = await asyncio.wait({call, gone} - {None}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+            if call in self._failed:
+                raise self._failed[call]()
             if call in done:
                 return call.result()
             if gone in done:
@@ -266,7 +272,20 @@ class RemoteEngine:
             for task in (call, gone):
                 if task is not None and not task.done():
                     task.cancel()
+            self._calls.discard(call)
+            self._failed.pop(call, None)
             self._count(request, -1)
+
+    async def fail_all(self, error: Callable[[], ApiError]) -> int:
+        """Answer every request under way with `error()` now and cancel its job on its replica (a shutdown that
+        cannot wait). Returns how many were answered."""
+        answered = 0
+        for call in list(self._calls):
+            if not call.done() and call not in self._failed:
+                self._failed[call] = error
+                call.cancel()
+                answered += 1
+        return answered
 
     async def ready(self) -> bool:
         """Whether at least one model replica is running; also learns what model they serve."""

@@ -57,6 +57,9 @@ class EngineBehindTheInterface:
         self.drained = True
         await self.inner.drain(timeout)
 
+    async def fail_all(self, error) -> int:
+        return await self.inner.fail_all(error)
+
 
 @pytest.fixture
 def external(tiny_backend, monkeypatch) -> EngineBehindTheInterface:

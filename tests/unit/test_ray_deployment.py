@@ -124,7 +124,8 @@ def test_rayservice_runs_the_pinned_ray_with_weights_and_gpus_where_the_config_s
 
 def test_the_kuberay_image_adds_the_ray_extra_and_wget_to_the_project_image():
     dockerfile = (ROOT / "deploy" / "kuberay" / "Dockerfile").read_text()
-    assert 'pip install --no-cache-dir "/app[ray,s3]"' in dockerfile
+    assert 'pip install --no-cache-dir -c /build/constraints.txt "/app[ray,s3]"' in dockerfile
+    assert "COPY constraints.txt /build/" in (ROOT / "Dockerfile").read_text()
     assert "wget" in dockerfile
     images = {
         c["image"] for c in rayservice()["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
@@ -140,6 +141,7 @@ def test_the_kuberay_image_adds_the_ray_extra_and_wget_to_the_project_image():
     [
         ({"settings": {"max_qeue": 4}}, "unknown setting(s) max_qeue"),
         ({"settings": {"port": 9000}}, "http_options"),
+        ({"settings": {"max_connections": 64}}, "Ray Serve's proxy serves HTTP"),
         ({"settings": {"devices": ["cuda:0", "cuda:1"]}}, "one device"),
         ({"settings": {"max_queue": 0}}, "max_queue"),
         ({"min_model_replicas": 4, "max_model_replicas": 2}, "below min_model_replicas"),

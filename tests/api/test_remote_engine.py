@@ -1,0 +1,144 @@
+"""RemoteEngine's own bookkeeping, in one event loop, with a stand-in for the Serve handle: the admission bound it
+keeps, Retry-After, fail_all, and previews that a resent request does not repeat. tests/ray runs it against real
+model replicas over a real handle; this pins down the arithmetic those tests cannot reach cheaply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[ray]'")
+
+from ray.exceptions import ActorDiedError  # noqa: E402
+
+from pipelines.base import GenerationRequest, GenerationResult, PartialImages  # noqa: E402
+from server.engine import EngineResult  # noqa: E402
+from server.errors import NotReady, Overloaded  # noqa: E402
+from server.ray_serve.remote import Done, Preview, RemoteEngine  # noqa: E402
+
+pytestmark = pytest.mark.api
+
+
+class Stream:
+    """What `handle.options(stream=True).run.remote(...)` returns: an async iterator of the replica's messages."""
+
+    def __init__(self, messages, hold: asyncio.Event | None, die_after: int | None) -> None:
+        self.messages = list(messages)
+        self.hold = hold
+        self.die_after = die_after
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.die_after is not None and self.die_after == 0:
+            raise ActorDiedError()
+        if self.hold is not None and len(self.messages) <= 1:
+            await self.hold.wait()  # the result waits for the test
+        if not self.messages:
+            raise StopAsyncIteration
+        if self.die_after is not None:
+            self.die_after -= 1
+        return self.messages.pop(0)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Handle:
+    """A stand-in for the model deployment's handle; each call takes the next planned stream."""
+
+    app_name = "app"
+    deployment_name = "StepImageModel"
+
+    def __init__(self) -> None:
+        self.plans: list[dict] = []
+        self.streams: list[Stream] = []
+        self.run = self
+
+    def options(self, **_):
+        return self
+
+    def remote(self, request, timeout, previews):
+        stream = Stream(**self.plans.pop(0))
+        self.streams.append(stream)
+        return stream
+
+
+def outcome(request: GenerationRequest, denoise_ms: float = 1000.0) -> EngineResult:
+    result = GenerationResult(images=[], seeds=request.seeds, timings_ms={"denoise": denoise_ms})
+    return EngineResult(result=result, queue_ms=0.0, batch_images=1, device="cpu")
+
+
+def engine(handle: Handle, replicas: int = 2, per_replica: int = 2, router_queue: int = 1) -> RemoteEngine:
+    remote = RemoteEngine(handle, request_timeout=30, per_replica=per_replica, router_queue=router_queue)
+    remote._replicas = replicas  # what ready() last read from Serve
+    return remote
+
+
+REQUEST = GenerationRequest(prompt="a kite", seed=1)
+
+
+def test_the_ingress_holds_its_share_of_the_replicas_plus_the_router_queue_then_refuses():
+    async def scenario():
+        handle, hold = Handle(), asyncio.Event()
+        remote = engine(handle, replicas=2, per_replica=2, router_queue=1)
+        assert remote.admission_limit == 5
+        handle.plans = [{"messages": [Done(outcome(REQUEST), "r1")], "hold": hold, "die_after": None}] * 5
+        held = [asyncio.create_task(remote.submit(REQUEST)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        assert remote.outstanding == 5
+        with pytest.raises(Overloaded) as refused:
+            await remote.submit(REQUEST)
+        # Five images ahead at 2 s each (the first guess), on two replicas.
+        assert refused.value.retry_after == 5
+        assert remote.metrics.rejections._value.get() == 1
+        hold.set()
+        await asyncio.gather(*held)
+        assert remote.outstanding == 0
+        # Learned from the answers: 1 s per image now (moving average from 2 s).
+        assert remote._seconds_per_image < 2.0
+        remote._ingress_replicas = 2  # a second ingress replica shares the model replicas
+        assert remote.admission_limit == 3
+
+    asyncio.run(scenario())
+
+
+def test_fail_all_answers_every_request_under_way_and_cancels_its_stream():
+    async def scenario():
+        handle, hold = Handle(), asyncio.Event()
+        remote = engine(handle)
+        handle.plans = [{"messages": [Done(outcome(REQUEST), "r1")], "hold": hold, "die_after": None}] * 2
+        held = [asyncio.create_task(remote.submit(REQUEST)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert await remote.fail_all(lambda: NotReady("stopping", retry_after=5)) == 2
+        for task in held:
+            with pytest.raises(NotReady):
+                await task
+        assert all(stream.cancelled for stream in handle.streams)
+        assert remote.outstanding == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_request_whose_replica_died_is_resent_without_repeating_a_preview():
+    async def scenario():
+        handle = Handle()
+        remote = engine(handle)
+        preview = [Preview(PartialImages(index=0, images=[]))]
+        second = [Preview(PartialImages(index=1, images=[]))]
+        handle.plans = [
+            {"messages": preview + second, "hold": None, "die_after": 1},  # dies after its first preview
+            {"messages": preview + second + [Done(outcome(REQUEST), "r2")], "hold": None, "die_after": None},
+        ]
+        seen = []
+        answer = await remote.submit(REQUEST, on_partial=lambda partial: seen.append(partial.index))
+        assert answer.result.seeds == [1]
+        assert seen == [0, 1]
+        assert remote.replica_retries._value.get() == 1
+        assert remote.replica_requests.labels("r2")._value.get() == 1
+
+    asyncio.run(scenario())
