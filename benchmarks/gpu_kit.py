@@ -67,7 +67,9 @@ TARGETS = {
 
 # Not carried: torch and what is built against it or ships with it on the machine's CUDA image (a second
 # copy would not match its CUDA libraries), and binary packages whose ABI follows the machine's numpy.
-# Our code runs with any of their recent versions; `run` records the versions it found.
+# Our code runs with any of their recent versions; `run` records the versions it found. Pure-Python needs
+# that torch shares with our stack (typing-extensions, filelock, fsspec) are carried: pydantic and
+# huggingface-hub want newer ones than an older image may have, and torch runs with newer ones.
 TAKEN_FROM_THE_MACHINE = {
     "torch": "the CUDA build the machine has (carrying it would replace its CUDA stack)",
     "triton": "ships with the machine's torch",
@@ -86,9 +88,6 @@ TAKEN_FROM_THE_MACHINE = {
     "networkx": "torch's",
     "jinja2": "torch's",
     "markupsafe": "torch's",
-    "filelock": "torch's",
-    "fsspec": "torch's",
-    "typing-extensions": "torch's",
     "setuptools": "packaging tool",
     "pip": "packaging tool",
     "pytest": "the machine has it (the gpu tier needs only plain pytest)",
@@ -263,6 +262,7 @@ class Plan:
         "eager:bf16+trim+te-cpu",
     )  # fmt: skip
     drift_cases: int = 2
+    encode_repeats: int = 3
     matmul_size: int = 8192
     concurrency: str = "1,2,4,8"
     requests: int = 8
@@ -290,6 +290,7 @@ def cpu_plan() -> Plan:
         variants=["eager:fp32", "eager:bf16+fp8"],
         memory_variants=["eager:fp32+trim+offload"],
         drift_cases=1,
+        encode_repeats=2,
         matmul_size=256,
         concurrency="1,2",
         requests=2,
@@ -447,7 +448,7 @@ def stage_memory(plan: Plan, folder: Path, budget: Budget) -> dict[str, Any]:
     out = folder / "memory.json"
     command = [sys.executable, "-m", "benchmarks", "memory", *plan.source, "--device", plan.device,
                "--variants", ",".join(variants), "--steps", str(plan.steps), "--edit-input", plan.edit_input,
-               "--out", str(out)]  # fmt: skip
+               "--encode-repeats", str(plan.encode_repeats), "--out", str(out)]  # fmt: skip
     code = run_logged(command, folder / "memory.log", budget.left())
     return {"exit_code": code, "refused": refused, **({"report": "memory.json"} if out.is_file() else {})}
 
@@ -618,9 +619,11 @@ def headline(folder: Path, stages: dict[str, Any]) -> dict[str, Any]:
     figures["memory"] = {
         entry["variant"]: {key: entry.get(key) for key in ("peak_reserved_gb", "device_used_gb", "smallest_card_gib")}
         | {
-            "new_prompt_ms": entry["runs"]["new_prompt"]["total_ms"],
-            "cached_prompt_ms": entry["runs"]["cached_prompt"]["total_ms"],
-        }  # fmt: skip
+            "edit_new_prompt_ms": entry["runs"]["new_prompt"]["total_ms"],
+            "edit_cached_prompt_ms": entry["runs"]["cached_prompt"]["total_ms"],
+            "encode_new_prompt_ms": entry["encode"]["new_prompt_ms"],
+            "text_encoder_copy_in_ms": entry["encode"]["of_which_copy_in_ms"],
+        }
         for entry in memory.get("measured", [])
     }
     serving_points = {}

@@ -110,6 +110,34 @@ def smallest_card(used_gb: float) -> int | None:
     return None
 
 
+def encode_costs(backend, repeats: int) -> dict[str, float]:
+    """Medians over `repeats` prompts of encoding a new prompt (with `offload`: copying the text encoder in, then
+    dropping it as denoising would) and of a repeated one (the prompt cache)."""
+    import statistics
+
+    device = torch.device(backend.options.device)
+    home = backend.text_encoder_home
+    new, copies, cached = [], [], []
+    for index in range(repeats):
+        copied = home.move_in_ms
+        began = time.perf_counter()
+        backend.encode_prompt(f"an encoder timing prompt number {index}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        new.append((time.perf_counter() - began) * 1000)
+        copies.append(home.move_in_ms - copied)
+        home.release()
+        began = time.perf_counter()
+        backend.encode_prompt(f"an encoder timing prompt number {index}")
+        cached.append((time.perf_counter() - began) * 1000)
+    return {
+        "repeats": repeats,
+        "new_prompt_ms": round(statistics.median(new), 2),
+        "of_which_copy_in_ms": round(statistics.median(copies), 2),
+        "cached_prompt_ms": round(statistics.median(cached), 3),
+    }
+
+
 def measure_variant(args: argparse.Namespace, text: str, edit_source) -> dict[str, Any]:
     variant = parse_variant(text)
     device = torch.device(args.device)
@@ -137,6 +165,7 @@ def measure_variant(args: argparse.Namespace, text: str, edit_source) -> dict[st
             "text_encoder_copy_in_ms": round(home.move_in_ms - move_ms, 1),
         }
     entry["runs"] = runs
+    entry["encode"] = encode_costs(backend, args.encode_repeats)
     entry["working_size"] = list(result.details["working_size"])
     entry.update(gpu_memory(device))
     if device.type == "cuda":
@@ -191,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trim-text-encoder", action="store_true", help="trim in every variant")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--edit-input", default="1024x1024", help="HEIGHTxWIDTH of the edit's input image")
+    parser.add_argument("--encode-repeats", type=int, default=5, help="prompts timed for the encoding costs")
     parser.add_argument("--out", required=True)
     return parser
 
@@ -220,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(
             f"  measured {entry['variant']:>22}: new prompt {runs['new_prompt']['total_ms']} ms "
             f"(encode {runs['new_prompt']['encode_prompt_ms']}), cached {runs['cached_prompt']['total_ms']} ms"
+            + f"; encoding a new prompt {entry['encode']['new_prompt_ms']} ms (copy-in "
+            f"{entry['encode']['of_which_copy_in_ms']}), a cached one {entry['encode']['cached_prompt_ms']} ms"
             + (f", peak reserved {entry['peak_reserved_gb']} GB" if "peak_reserved_gb" in entry else "")
             + "\n"
         )
