@@ -17,6 +17,7 @@ TOOLS = {
     "memory": ("benchmarks.memory", "GPU memory per serving mode, on paper and measured", ()),
     "overhead": ("benchmarks.overhead", "what the HTTP server adds on top of the pipeline", ("httpx",)),
     "encode": ("benchmarks.encode_bench", "PNG/JPEG/WebP encoding cost", ()),
+    "extensions": ("benchmarks.extensions", "what partial images and masks add per request", ()),
     "gpu-kit": (
         "benchmarks.gpu_kit",
         "prepare the GPU kit here, or run it all on a GPU (tests, pipeline, memory, serving)",

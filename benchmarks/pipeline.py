@@ -366,7 +366,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 backend, request, args.repeats, flops, rates, variant.quantize
             )
         edit = GenerationRequest(prompt="make the sky red", seed=1, steps=args.steps, image=edit_source)
-        work_w, work_h = backend.batch_key(edit)[1]
+        work_w, work_h = backend.batch_key(edit)[1][0]  # the edited image's working size
         tokens = 2 * image_tokens(work_h, work_w)  # the generated image plus the reference image
         flops = transformer_flops_by_kind(config, tokens, text_tokens)
         entry["edit"] = measure(backend, edit, args.repeats, flops, rates, variant.quantize)
