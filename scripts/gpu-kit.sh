@@ -14,7 +14,9 @@ case "$verb" in
     ;;
   run)
     py=${PYTHON:-python3}
-    if compgen -G ".gpukit/wheels/*.whl" >/dev/null; then
+    # The dry run (--cpu) uses the environment it is started in, as CI does; the wheels are for the GPU machine's
+    # Python and would not install elsewhere.
+    if [[ " $* " != *" --cpu "* ]] && compgen -G ".gpukit/wheels/*.whl" >/dev/null; then
       # The machine's own torch stays; everything else we test with goes first on the path.
       "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/gpukit-site .gpukit/wheels/*.whl
