@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 from server import images
 from server.auth import require_api_key
 from server.errors import InvalidRequest, NotFound, UnsupportedMediaType
+from server.protocol import QUOTED_CHARS, quoted
 from server.serving import ClientContext, ServedImages, server_timing
 
 router = APIRouter()
@@ -44,7 +45,8 @@ def _client(request: Request) -> ClientContext:
         except ValueError:
             timeout = -1.0
         if not 0 < timeout < float("inf"):
-            raise InvalidRequest(TIMEOUT_HEADER, f"{TIMEOUT_HEADER} must be a positive number of seconds, got {raw!r}")
+            message = f"{TIMEOUT_HEADER} must be a positive number of seconds, got {quoted(raw)}"
+            raise InvalidRequest(TIMEOUT_HEADER, message)
     return ClientContext(
         base_url=(public or str(request.base_url)).rstrip("/"),
         timeout=timeout,
@@ -57,6 +59,9 @@ async def _json_object(request: Request) -> dict[str, Any]:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest(None, "The request body is not valid JSON.", code="invalid_json") from None
+    except RecursionError:
+        # The parser recurses once per nesting level; ~1000 levels exhaust the stack (issue 13: this was a 500).
+        raise InvalidRequest(None, "The request body is JSON nested too deeply.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest(None, "The request body must be a JSON object.", code="invalid_json")
     return body
@@ -79,7 +84,8 @@ async def _edit_parts(request: Request) -> tuple[dict[str, Any], bytes | None, s
         return body, None, text
     if media_type not in FORM_TYPES:
         raise UnsupportedMediaType(
-            f"Content type {media_type or '(none)'} is not accepted here: send multipart/form-data or application/json."
+            f"Content type {quoted(media_type) if media_type else '(none)'} is not accepted here: "
+            "send multipart/form-data or application/json."
         )
     max_bytes = request.app.state.stepimage.settings.max_body_bytes
     form = await request.form(max_files=8, max_fields=100, max_part_size=max_bytes)
@@ -92,7 +98,7 @@ async def _edit_parts(request: Request) -> tuple[dict[str, Any], bytes | None, s
             if key in UNSUPPORTED_FIELDS:
                 fields[key] = value.filename or "file"
                 continue
-            raise InvalidRequest(key, f"{key} must be a text field, not a file")
+            raise InvalidRequest(key[:QUOTED_CHARS], f"{quoted(key)} must be a text field, not a file")
         else:
             fields[key] = value
     if len(parts) > 1:
@@ -123,7 +129,7 @@ async def edits(request: Request) -> JSONResponse:
     service = request.app.state.stepimage.service
     raw, image_bytes, image_text = await _edit_parts(request)
     _check_unsupported(raw)
-    fields = service.parse_edit(raw)
+    fields = service.parse_edit(raw, form=_media_type(request) in FORM_TYPES)
     if fields.image is not None and image_text is None and image_bytes is None:
         image_text = fields.image
     # Decoding a 4096x4096 upload takes a noticeable fraction of a second: keep it off the event loop.

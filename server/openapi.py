@@ -1,0 +1,296 @@
+"""The OpenAPI document (/openapi.json) and the offline documentation pages (/docs, /redoc).
+
+The document is FastAPI's own for the routes, completed from the wire models in server/protocol.py (the same models
+that validate requests, so the schema and the validation cannot disagree) and from the running configuration (served
+sizes, --max-n, model names, whether keys are required): the request bodies of both image endpoints (JSON; JSON and
+multipart/form-data for edits) and their responses, OpenAI's error envelope as the body of every error status, and the
+bearer key as a security scheme on the routes that check it. The image routes parse their bodies themselves, so that
+every validation failure is a 400 in our envelope and never FastAPI's 422: their bodies are documented here instead of
+being declared as route parameters.
+
+Swagger UI and ReDoc run on assets this server serves itself from the fastapi-offline package (pinned in pyproject),
+so both pages work on an air-gapped host.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import functools
+import io
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
+from PIL import Image
+from pydantic.json_schema import models_json_schema
+
+from server import auth
+from server.config import Settings
+from server.protocol import (
+    EditsBody,
+    ErrorResponse,
+    GenerationsBody,
+    ImagesResponse,
+)
+
+ASSETS_URL = "/docs/assets"
+REF = "#/components/schemas/{model}"
+# Swagger UI opens every operation with its request editor already editable.
+SWAGGER_UI_PARAMETERS = {"tryItOutEnabled": True, "displayRequestDuration": True, "defaultModelsExpandDepth": 0}
+
+# Input image types the edits endpoint decodes (server/images.py).
+IMAGE_MEDIA_TYPES = "image/png, image/jpeg, image/webp, image/gif, image/bmp, image/tiff"
+# Fields that a multipart edit sends as file parts, and fields that only a JSON body carries.
+FORM_FILE_FIELDS = {
+    "image": "The image to edit, as a file part named image (image[] is the same). Repeat the part to add "
+    "reference images after the first; a base64 or data-URL text part is accepted too.",
+    "mask": "A PNG with alpha as a file part (or base64 text): fully transparent pixels mark the area to change.",
+}
+FORM_REPEATED = ("image",)
+JSON_ONLY_FIELDS = ("images",)
+
+ERROR_STATUSES = {
+    400: "A field is missing, malformed or out of range, or an input image cannot be used; param names the field.",
+    401: "Missing or wrong API key.",
+    404: "Unknown model (model_not_found), route or stored file.",
+    413: "The request body is larger than the server's limit.",
+    415: "A content type this endpoint does not take.",
+    429: "The queue is full; retry after Retry-After seconds.",
+    500: "Anything unexpected: a short message with the request id, nothing internal.",
+    503: "Not ready yet (the model is loading) or shutting down; retry after Retry-After seconds.",
+    504: "The request's deadline passed before it finished.",
+}
+RETRY_AFTER_STATUSES = (429, 503)
+
+GENERATIONS_PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"
+METRICS_PATH = "/metrics"
+# Error statuses beyond 500 (every route) and 401 (every keyed route), by path.
+EXTRA_ERRORS = {
+    GENERATIONS_PATH: (400, 404, 413, 415, 429, 503, 504),
+    EDITS_PATH: (400, 404, 413, 415, 429, 503, 504),
+    "/v1/images/files/{name}": (404,),
+    "/ready": (503,),
+}
+
+
+def create_documented_app(settings: Settings, **fastapi_options: Any) -> FastAPI:
+    """A FastAPI app whose /docs and /redoc load their assets from this server, and whose /openapi.json is
+    `openapi_document(app, settings)`."""
+    app = FastAPIOffline(static_url=ASSETS_URL, swagger_ui_parameters=SWAGGER_UI_PARAMETERS, **fastapi_options)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_document(app, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def openapi_document(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = document.setdefault("components", {})
+    components.setdefault("schemas", {}).update(component_schemas(settings))
+    components["responses"] = error_response_components()
+    image_operations = {GENERATIONS_PATH: generations_operation, EDITS_PATH: edits_operation}
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            statuses = {500, *EXTRA_ERRORS.get(path, ())}
+            # FastAPI documents a 422 for routes with parameters; our handler answers those failures with a 400.
+            if operation["responses"].pop("422", None) is not None:
+                statuses.add(400)
+            if path == METRICS_PATH and settings.metrics_require_key:
+                operation["security"] = [{auth.bearer_scheme.scheme_name: []}]
+            if "security" in operation:
+                statuses.add(401)
+                if not settings.api_keys:
+                    # An open server: the key is optional, and the document says so.
+                    operation["security"] = [*operation["security"], {}]
+            if path in image_operations:
+                operation.update(image_operations[path](settings))
+            operation["responses"].update(error_responses(sorted(statuses)))
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components["schemas"].pop(unused, None)
+    if settings.metrics_require_key:
+        # The scheme is declared by the keyed routes' dependency; make sure it exists whatever they are.
+        schemes = components.setdefault("securitySchemes", {})
+        schemes.setdefault(auth.bearer_scheme.scheme_name, auth.bearer_scheme.model.model_dump(by_alias=True))
+    return document
+
+
+# -- schemas ---------------------------------------------------------------------------------------------------------
+
+
+def component_schemas(settings: Settings) -> dict[str, Any]:
+    """Every wire model's JSON schema, constrained by this server's configuration, plus the multipart form of an
+    edit derived from the JSON one."""
+    _, top = models_json_schema(
+        [
+            (GenerationsBody, "validation"),
+            (EditsBody, "validation"),
+            (ImagesResponse, "serialization"),
+            (ErrorResponse, "serialization"),
+        ],
+        ref_template=REF,
+    )
+    schemas: dict[str, Any] = top["$defs"]
+    for schema in schemas.values():
+        # pydantic titles every property after its name ("Cfg Scale"); the pages show the name already.
+        for prop in schema.get("properties", {}).values():
+            prop.pop("title", None)
+    for name in (GenerationsBody.__name__, EditsBody.__name__):
+        properties = schemas[name]["properties"]
+        _constrain(properties["n"], maximum=settings.max_n)
+        _constrain(properties["model"], enum=list(settings.model_names))
+        properties["model"]["examples"] = [settings.model_name]
+    _constrain(schemas[GenerationsBody.__name__]["properties"]["size"], enum=list(settings.sizes))
+    schemas[EDITS_FORM] = edits_form_schema(schemas[EditsBody.__name__])
+    return schemas
+
+
+EDITS_FORM = "EditsForm"
+
+
+def _constrain(schema: dict[str, Any], **constraints: Any) -> None:
+    """Add constraints to a property, or to its non-null branch when it is optional."""
+    branches = [branch for branch in schema.get("anyOf", [schema]) if branch.get("type") != "null"]
+    for branch in branches:
+        branch.update(constraints)
+
+
+def edits_form_schema(json_schema: dict[str, Any]) -> dict[str, Any]:
+    """The multipart form of an edit: the JSON body's fields, with the images as file parts."""
+    form = copy.deepcopy(json_schema)
+    form["title"] = "Edits form"
+    properties = form["properties"]
+    for name in JSON_ONLY_FIELDS:
+        properties.pop(name, None)
+    for schema in properties.values():
+        # A form has no null: an optional field is simply left out (a form tool would otherwise send "null").
+        branches = [branch for branch in schema.pop("anyOf", []) if branch.get("type") != "null"]
+        if len(branches) == 1:
+            schema.update(branches[0])
+        elif branches:
+            schema["anyOf"] = branches
+        if "default" in schema and schema["default"] is None:
+            del schema["default"]
+    for name, description in FORM_FILE_FIELDS.items():
+        if name not in properties:
+            continue
+        file_part = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
+        if name in FORM_REPEATED:
+            properties[name] = {"type": "array", "items": file_part, "description": description}
+        else:
+            properties[name] = {**file_part, "description": description}
+    form["required"] = sorted({*form.get("required", []), "image"})
+    return form
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": REF.format(model=name)}
+
+
+# -- operations ------------------------------------------------------------------------------------------------------
+
+
+def generations_operation(settings: Settings) -> dict[str, Any]:
+    body = {"application/json": {"schema": _ref(GenerationsBody.__name__), "example": generation_example(settings)}}
+    return _image_operation("createImage", "Create images from a prompt", body, "The images, one item per image.")
+
+
+def edits_operation(settings: Settings) -> dict[str, Any]:
+    body = {
+        "multipart/form-data": {"schema": _ref(EDITS_FORM), "encoding": {"image": {"contentType": IMAGE_MEDIA_TYPES}}},
+        "application/json": {"schema": _ref(EditsBody.__name__), "example": edit_example(settings)},
+    }
+    return _image_operation("createImageEdit", "Edit an image from a prompt", body, "The edits, each the input's size.")
+
+
+def _image_operation(operation_id: str, summary: str, body: dict[str, Any], result: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "operationId": operation_id,
+        "requestBody": {"required": True, "content": body},
+        "responses": {"200": images_response(result)},
+    }
+
+
+def images_response(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {
+            "server-timing": {
+                "description": "Stage durations in ms: queue, encode_prompt, denoise, decode, encode_image, total.",
+                "schema": {"type": "string"},
+            },
+            **_request_id_header(),
+        },
+        "content": {"application/json": {"schema": _ref(ImagesResponse.__name__)}},
+    }
+
+
+def error_response_components() -> dict[str, Any]:
+    """One reusable response per error status, each with the error envelope as its body."""
+    responses = {}
+    for status, description in ERROR_STATUSES.items():
+        headers = _request_id_header()
+        if status in RETRY_AFTER_STATUSES:
+            headers["Retry-After"] = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+        responses[_error_name(status)] = {
+            "description": description,
+            "headers": headers,
+            "content": {"application/json": {"schema": _ref(ErrorResponse.__name__)}},
+        }
+    return responses
+
+
+def error_responses(statuses: list[int]) -> dict[str, Any]:
+    return {str(status): {"$ref": f"#/components/responses/{_error_name(status)}"} for status in statuses}
+
+
+def _error_name(status: int) -> str:
+    return f"Error{status}"
+
+
+def _request_id_header() -> dict[str, Any]:
+    description = "The request's id (the client's own when sane)."
+    return {"x-request-id": {"description": description, "schema": {"type": "string"}}}
+
+
+# -- examples --------------------------------------------------------------------------------------------------------
+
+
+def generation_example(settings: Settings) -> dict[str, Any]:
+    """A request body that works as it stands: what Swagger UI's "Try it out" starts from."""
+    return {
+        "model": settings.model_name,
+        "prompt": "A red bicycle leaning on a white wall",
+        "size": settings.sizes[0],
+        "response_format": "b64_json",
+        "steps": 8,
+        "seed": 42,
+    }
+
+
+def edit_example(settings: Settings) -> dict[str, Any]:
+    return {
+        "model": settings.model_name,
+        "prompt": "Make the square blue",
+        "image": example_image_data_url(),
+        "response_format": "b64_json",
+        "steps": 8,
+        "seed": 42,
+    }
+
+
+@functools.cache
+def example_image_data_url() -> str:
+    """A 64x64 picture (the smallest input an edit takes) as a data URL, so the JSON edit example runs as is."""
+    picture = Image.new("RGB", (64, 64), (230, 230, 230))
+    picture.paste((200, 30, 30), (16, 16, 48, 48))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
