@@ -81,6 +81,9 @@ class Settings(BaseSettings):
         description="Most output pixels one request may ask for (n x width x height), refused with 400 before any "
         "work; the default fits one edit of the largest input, 4096x4096, or four 2048x2048.",
     )
+    max_edit_images: int = Field(
+        4, ge=1, description="Most input images one edit may send (the edited image plus references)."
+    )
     extra_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="More HEIGHTxWIDTH sizes for generations (multiples of 16)."
     )
