@@ -18,6 +18,7 @@ import base64
 import copy
 import functools
 import io
+import json
 from typing import Any
 
 from fastapi import FastAPI
@@ -33,6 +34,7 @@ from server.protocol import (
     ErrorResponse,
     GenerationsBody,
     ImagesResponse,
+    ImageStreamEvent,
 )
 
 ASSETS_URL = "/docs/assets"
@@ -46,7 +48,8 @@ IMAGE_MEDIA_TYPES = "image/png, image/jpeg, image/webp, image/gif, image/bmp, im
 FORM_FILE_FIELDS = {
     "image": "The image to edit, as a file part named image (image[] is the same). Repeat the part to add "
     "reference images after the first; a base64 or data-URL text part is accepted too.",
-    "mask": "A PNG with alpha as a file part (or base64 text): fully transparent pixels mark the area to change.",
+    "mask": "A PNG with alpha, the first image's size, as a file part (or base64 text): fully transparent pixels mark "
+    "the area to change; every other pixel is kept exactly.",
 }
 FORM_REPEATED = ("image",)
 JSON_ONLY_FIELDS = ("images",)
@@ -132,6 +135,7 @@ def component_schemas(settings: Settings) -> dict[str, Any]:
             (GenerationsBody, "validation"),
             (EditsBody, "validation"),
             (ImagesResponse, "serialization"),
+            (ImageStreamEvent, "serialization"),
             (ErrorResponse, "serialization"),
         ],
         ref_template=REF,
@@ -198,38 +202,78 @@ def _ref(name: str) -> dict[str, str]:
 
 def generations_operation(settings: Settings) -> dict[str, Any]:
     body = {"application/json": {"schema": _ref(GenerationsBody.__name__), "example": generation_example(settings)}}
-    return _image_operation("createImage", "Create images from a prompt", body, "The images, one item per image.")
+    return _image_operation(
+        "createImage", "Create images from a prompt", body, "The images, one item per image.", "image_generation"
+    )
 
 
 def edits_operation(settings: Settings) -> dict[str, Any]:
+    image_types = {"contentType": IMAGE_MEDIA_TYPES}
     body = {
-        "multipart/form-data": {"schema": _ref(EDITS_FORM), "encoding": {"image": {"contentType": IMAGE_MEDIA_TYPES}}},
+        "multipart/form-data": {"schema": _ref(EDITS_FORM), "encoding": {"image": image_types, "mask": image_types}},
         "application/json": {"schema": _ref(EditsBody.__name__), "example": edit_example(settings)},
     }
-    return _image_operation("createImageEdit", "Edit an image from a prompt", body, "The edits, each the input's size.")
+    return _image_operation(
+        "createImageEdit", "Edit an image from a prompt", body, "The edits, each the first input's size.", "image_edit"
+    )
 
 
-def _image_operation(operation_id: str, summary: str, body: dict[str, Any], result: str) -> dict[str, Any]:
+def _image_operation(
+    operation_id: str, summary: str, body: dict[str, Any], result: str, event_prefix: str
+) -> dict[str, Any]:
     return {
         "summary": summary,
         "operationId": operation_id,
         "requestBody": {"required": True, "content": body},
-        "responses": {"200": images_response(result)},
+        "responses": {"200": images_response(result, event_prefix)},
     }
 
 
-def images_response(description: str) -> dict[str, Any]:
+def images_response(description: str, event_prefix: str) -> dict[str, Any]:
+    stream = (
+        f"With stream: true, server-sent events instead: `{event_prefix}.partial_image` for each preview "
+        f"(partial_images of them per image), then one `{event_prefix}.completed` per image (with usage); each "
+        "event's data is one JSON object. A failure after the stream started arrives as an `error` event whose data "
+        "is the error envelope."
+    )
     return {
-        "description": description,
+        "description": f"{description} {stream}",
         "headers": {
             "server-timing": {
-                "description": "Stage durations in ms: queue, encode_prompt, denoise, decode, encode_image, total.",
+                "description": "Stage durations in ms: queue, encode_prompt, denoise, decode, encode_image, total "
+                "(not sent on a stream).",
                 "schema": {"type": "string"},
             },
             **_request_id_header(),
         },
-        "content": {"application/json": {"schema": _ref(ImagesResponse.__name__)}},
+        "content": {
+            "application/json": {"schema": _ref(ImagesResponse.__name__)},
+            "text/event-stream": {
+                "schema": {
+                    "description": "The data of one event: an image event, or the error envelope of an error event.",
+                    "oneOf": [_ref(ImageStreamEvent.__name__), _ref(ErrorResponse.__name__)],
+                },
+                "example": stream_example(event_prefix),
+            },
+        },
     }
+
+
+def stream_example(event_prefix: str) -> str:
+    """What a stream with one partial image looks like on the wire (image data shortened)."""
+    common = {"created_at": 1767225600, "size": "1024x1024", "output_format": "png", "seed": 42, "image_index": 0}
+    partial = {"type": f"{event_prefix}.partial_image", **common, "b64_json": "iVBORw0...", "partial_image_index": 0}
+    usage = {
+        "input_tokens": 12,
+        "input_tokens_details": {"text_tokens": 12, "image_tokens": 0},
+        "output_tokens": 4096,
+        "total_tokens": 4108,
+    }
+    completed = {"type": f"{event_prefix}.completed", **common, "b64_json": "iVBORw0...", "usage": usage}
+    return "".join(
+        f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
+        for event in (partial, completed)
+    )
 
 
 def error_response_components() -> dict[str, Any]:

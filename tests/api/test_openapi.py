@@ -16,7 +16,7 @@ import annotated_types
 import pytest
 from pydantic import BaseModel
 
-from server.protocol import EditsBody, ErrorResponse, GenerationsBody, ImagesResponse
+from server.protocol import EditsBody, ErrorResponse, GenerationsBody, ImagesResponse, ImageStreamEvent
 from tests.api.conftest import SMALL
 from tests.conftest import image_bytes
 
@@ -101,8 +101,9 @@ def assert_matches_model(schema: dict, model: type[BaseModel], *, form: bool = F
             assert prop["default"] == json.loads(json.dumps(info.default)), name
         if form:
             assert "anyOf" not in prop or all(option.get("type") != "null" for option in prop["anyOf"]), name
-        constrained = branch(prop)
-        for key, value in expected_bounds(model, name).items():
+        bounds = expected_bounds(model, name)
+        constrained = branch(prop) if bounds else prop
+        for key, value in bounds.items():
             if name == "n" and key == "maximum":
                 continue  # --max-n, checked with the configuration
             assert constrained[key] == value, (name, key)
@@ -126,11 +127,18 @@ def test_edits_body_lists_every_field_for_both_content_types(keyed, media_type):
     assert_matches_model(schema, EditsBody, form=media_type == "multipart/form-data")
 
 
-def test_edits_form_takes_image_files_and_requires_an_image(keyed):
-    form = body_schema(document_of(keyed), "/v1/images/edits", "multipart/form-data")
+def test_edits_form_takes_image_and_mask_files_and_requires_an_image(keyed):
+    document = document_of(keyed)
+    form = body_schema(document, "/v1/images/edits", "multipart/form-data")
     assert {"prompt", "image"} <= set(form["required"])
     image = form["properties"]["image"]
     assert image["type"] == "array" and image["items"]["format"] == "binary"
+    assert form["properties"]["mask"]["format"] == "binary"
+    # OpenAI's JSON shapes for images and masks are in the JSON body only.
+    assert "images" not in form["properties"]
+    json_body = body_schema(document, "/v1/images/edits", "application/json")
+    items = resolve(document, json_body["properties"]["images"]["anyOf"][0]["items"])
+    assert set(items["properties"]) == {"image_url"}
 
 
 def test_ranges_that_are_configuration_come_from_the_running_configuration(keyed):
@@ -159,6 +167,25 @@ def test_responses_document_the_images_and_the_error_envelope(keyed):
             detail = resolve(document, envelope["properties"]["error"])
             assert set(detail["properties"]) == {"message", "type", "param", "code"}
             assert ("Retry-After" in response.get("headers", {})) == (status in ("429", "503")), status
+
+
+def test_streamed_responses_are_documented_as_server_sent_events(keyed):
+    document = document_of(keyed)
+    for path, prefix in zip(IMAGE_PATHS, ("image_generation", "image_edit")):
+        ok = document["paths"][path]["post"]["responses"]["200"]
+        stream = ok["content"]["text/event-stream"]
+        assert f"{prefix}.partial_image" in ok["description"] and f"{prefix}.completed" in ok["description"]
+        options = [resolve(document, option) for option in stream["schema"]["oneOf"]]
+        event = options[0]
+        assert set(event["properties"]) == set(ImageStreamEvent.model_fields)
+        assert set(event["properties"]["type"]["enum"]) >= {f"{prefix}.partial_image", f"{prefix}.completed"}
+        assert set(options[1]["properties"]) == {"error"}
+        # The documented example is what the server's model of an event accepts, event by event.
+        frames = [frame for frame in stream["example"].split("\n\n") if frame]
+        for frame in frames:
+            name, data = frame.split("\n")
+            parsed = ImageStreamEvent.model_validate_json(data.removeprefix("data: "))
+            assert name == f"event: {parsed.type}" and parsed.type.startswith(prefix)
 
 
 def test_no_operation_documents_fastapis_422(keyed):
