@@ -188,6 +188,32 @@ def test_streamed_responses_are_documented_as_server_sent_events(keyed):
             assert name == f"event: {parsed.type}" and parsed.type.startswith(prefix)
 
 
+def test_a_real_stream_matches_the_documented_events(keyed):
+    document = document_of(keyed)
+    stream = document["paths"]["/v1/images/generations"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    event_schema = resolve(document, stream["schema"]["oneOf"][0])
+    body = {
+        "prompt": "a kite",
+        "size": SMALL,
+        "steps": 2,
+        "stream": True,
+        "partial_images": 1,
+        "response_format": "b64_json",
+    }
+    response = keyed.post("/v1/images/generations", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    frames = [frame for frame in response.text.split("\n\n") if frame.strip()]
+    names = []
+    for frame in frames:
+        lines = dict(line.split(": ", 1) for line in frame.splitlines())
+        data = json.loads(lines["data"])
+        assert set(data) <= set(event_schema["properties"]), set(data) - set(event_schema["properties"])
+        assert set(event_schema.get("required", [])) <= set(data)
+        assert lines["event"] == data["type"] and data["type"] in event_schema["properties"]["type"]["enum"]
+        names.append(data["type"])
+    assert names[-1] == "image_generation.completed" and "image_generation.partial_image" in names
+
+
 def test_no_operation_documents_fastapis_422(keyed):
     document = document_of(keyed)
     for path, operations in document["paths"].items():
