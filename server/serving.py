@@ -292,7 +292,7 @@ class ImageService:
             first_preview.cancel()
             # Finished (or failed) before any preview: a failure here is an ordinary HTTP error response.
             running.result()
-        return EventStream(fields, kind, request.seeds, running, events, first, client.request_id)
+        return EventStream(fields, kind, request.seeds, running, events, first, self.metrics, client.request_id)
 
 
 EventName = str
@@ -324,6 +324,7 @@ class EventStream:
         running: asyncio.Task[ServedImages],
         previews: asyncio.Queue[PartialImages],
         first: PartialImages | None,
+        metrics: Metrics,
         request_id: str = "-",
     ) -> None:
         self.fields = fields
@@ -333,6 +334,7 @@ class EventStream:
         self.running = running
         self.previews = previews
         self.first = first
+        self.metrics = metrics
         self.request_id = request_id
         self.timings_ms: dict[str, float] = {}
 
@@ -367,7 +369,13 @@ class EventStream:
             yield _frame("error", errors.to_response(errors.internal_error(self.request_id)).body)
         finally:
             if not self.running.done():
+                # The stream was closed before the result: the client went away. The engine stops the job at its
+                # next step.
                 self.running.cancel()
+                self.metrics.cancellations.inc()
+            elif not self.running.cancelled():
+                # Collected here so that a failure nobody could be told about is not reported as never retrieved.
+                self.running.exception()
 
     def _preview_frames(self, partial: PartialImages) -> list[bytes]:
         fields = self.fields
