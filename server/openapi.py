@@ -44,12 +44,20 @@ SWAGGER_UI_PARAMETERS = {"tryItOutEnabled": True, "displayRequestDuration": True
 
 # Input image types the edits endpoint decodes (server/images.py).
 IMAGE_MEDIA_TYPES = "image/png, image/jpeg, image/webp, image/gif, image/bmp, image/tiff"
-# Fields that a multipart edit sends as file parts, and fields that only a JSON body carries.
-FORM_FILE_FIELDS = {
-    "image": "The image to edit, as a file part named image (image[] is the same). Repeat the part to add "
-    "reference images after the first; a base64 or data-URL text part is accepted too.",
-    "mask": "A PNG with alpha, the first image's size, as a file part (or base64 text): fully transparent pixels mark "
-    "the area to change; every other pixel is kept exactly.",
+# The image fields of an edit sent as a form: (as multipart file parts, as url-encoded base64 text fields).
+FORM_IMAGE_FIELDS = {
+    "image": (
+        "The image to edit, as a file part named image (image[] is the same); a base64 or data-URL text part is "
+        "accepted too. Repeat the part to add reference images after the first.",
+        "The image to edit, base64 or a data URL, in a field named image (image[] is the same). Repeat the field to "
+        "add reference images after the first.",
+    ),
+    "mask": (
+        "A PNG with alpha, the first image's size, as a file part (or base64 text): fully transparent pixels mark "
+        "the area to change; every other pixel is kept exactly.",
+        "A PNG with alpha, the first image's size, base64 or a data URL: fully transparent pixels mark the area to "
+        "change; every other pixel is kept exactly.",
+    ),
 }
 FORM_REPEATED = ("image",)
 JSON_ONLY_FIELDS = ("images",)
@@ -152,10 +160,12 @@ def component_schemas(settings: Settings) -> dict[str, Any]:
         properties["model"]["examples"] = [settings.model_name]
     _constrain(schemas[GenerationsBody.__name__]["properties"]["size"], enum=list(settings.sizes))
     schemas[EDITS_FORM] = edits_form_schema(schemas[EditsBody.__name__])
+    schemas[EDITS_URLENCODED] = edits_form_schema(schemas[EditsBody.__name__], files=False)
     return schemas
 
 
 EDITS_FORM = "EditsForm"
+EDITS_URLENCODED = "EditsUrlEncoded"
 
 
 def _constrain(schema: dict[str, Any], **constraints: Any) -> None:
@@ -165,10 +175,11 @@ def _constrain(schema: dict[str, Any], **constraints: Any) -> None:
         branch.update(constraints)
 
 
-def edits_form_schema(json_schema: dict[str, Any]) -> dict[str, Any]:
-    """The multipart form of an edit: the JSON body's fields, with the images as file parts."""
+def edits_form_schema(json_schema: dict[str, Any], *, files: bool = True) -> dict[str, Any]:
+    """An edit as a form: the JSON body's fields, with the images as file parts (multipart) or as base64 text
+    fields (url-encoded, files=False); `image` repeats for several images."""
     form = copy.deepcopy(json_schema)
-    form["title"] = "Edits form"
+    form["title"] = "Edits form" if files else "Edits url-encoded form"
     properties = form["properties"]
     for name in JSON_ONLY_FIELDS:
         properties.pop(name, None)
@@ -181,10 +192,13 @@ def edits_form_schema(json_schema: dict[str, Any]) -> dict[str, Any]:
             schema["anyOf"] = branches
         if "default" in schema and schema["default"] is None:
             del schema["default"]
-    for name, description in FORM_FILE_FIELDS.items():
+    for name, (as_file, as_text) in FORM_IMAGE_FIELDS.items():
         if name not in properties:
             continue
-        file_part = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
+        description = as_file if files else as_text
+        file_part = {"type": "string"}
+        if files:
+            file_part.update(format="binary", contentMediaType="application/octet-stream")
         if name in FORM_REPEATED:
             properties[name] = {"type": "array", "items": file_part, "description": description}
         else:
@@ -212,6 +226,7 @@ def edits_operation(settings: Settings) -> dict[str, Any]:
     body = {
         "multipart/form-data": {"schema": _ref(EDITS_FORM), "encoding": {"image": image_types, "mask": image_types}},
         "application/json": {"schema": _ref(EditsBody.__name__), "example": edit_example(settings)},
+        "application/x-www-form-urlencoded": {"schema": _ref(EDITS_URLENCODED)},
     }
     return _image_operation(
         "createImageEdit", "Edit an image from a prompt", body, "The edits, each the first input's size.", "image_edit"

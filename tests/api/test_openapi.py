@@ -7,6 +7,7 @@ errors it sends match the envelope it documents, routes it marks as keyed are th
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from html.parser import HTMLParser
@@ -76,7 +77,7 @@ def expected_bounds(model: type[BaseModel], name: str) -> dict:
     return bounds
 
 
-def assert_matches_model(schema: dict, model: type[BaseModel], *, form: bool = False) -> None:
+def assert_matches_model(schema: dict, model: type[BaseModel], *, form: bool = False, files: bool = False) -> None:
     """Every field of the model is in the schema with its description, default and bounds, and nothing else is."""
     properties = schema["properties"]
     json_only = {"images"} if form else set()
@@ -89,9 +90,9 @@ def assert_matches_model(schema: dict, model: type[BaseModel], *, form: bool = F
         prop = properties[name]
         assert prop.get("description"), name
         if form and name in ("image", "mask"):
-            # File parts in a form: what matters there is that they are files.
-            files = prop["items"] if prop.get("type") == "array" else prop
-            assert files["format"] == "binary", name
+            # Image fields in a form: files in multipart, base64 text in a url-encoded form.
+            one = prop["items"] if prop.get("type") == "array" else prop
+            assert one["type"] == "string" and one.get("format") == ("binary" if files else None), name
             continue
         if info.is_required():
             assert "default" not in prop, name
@@ -118,13 +119,17 @@ def test_generations_body_lists_every_field_with_range_default_and_description(k
     assert_matches_model(body_schema(document, "/v1/images/generations", "application/json"), GenerationsBody)
 
 
-@pytest.mark.parametrize("media_type", ["application/json", "multipart/form-data"])
-def test_edits_body_lists_every_field_for_both_content_types(keyed, media_type):
+EDIT_MEDIA_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
+
+
+@pytest.mark.parametrize("media_type", EDIT_MEDIA_TYPES)
+def test_edits_body_lists_every_field_for_every_content_type(keyed, media_type):
     document = document_of(keyed)
     content = document["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
-    assert set(content) == {"application/json", "multipart/form-data"}
+    assert set(content) == set(EDIT_MEDIA_TYPES)
     schema = body_schema(document, "/v1/images/edits", media_type)
-    assert_matches_model(schema, EditsBody, form=media_type == "multipart/form-data")
+    form = media_type != "application/json"
+    assert_matches_model(schema, EditsBody, form=form, files=media_type == "multipart/form-data")
 
 
 def test_edits_form_takes_image_and_mask_files_and_requires_an_image(keyed):
@@ -275,17 +280,24 @@ def test_documented_examples_are_accepted_as_they_stand(keyed):
         ImagesResponse.model_validate(response.json())
 
 
-def test_a_form_filled_with_the_documented_defaults_is_accepted(keyed):
+@pytest.mark.parametrize("media_type", ["multipart/form-data", "application/x-www-form-urlencoded"])
+def test_a_form_filled_with_the_documented_defaults_is_accepted(keyed, media_type):
     # What a form-based tool (Swagger UI's "Try it out") sends: every field that has a default, plus the image.
-    form = body_schema(document_of(keyed), "/v1/images/edits", "multipart/form-data")
+    form = body_schema(document_of(keyed), "/v1/images/edits", media_type)
     data = {}
     for name, prop in form["properties"].items():
         if "default" in prop:
             value = prop["default"]
             data[name] = json.dumps(value) if isinstance(value, bool) else str(value)
     data.update(prompt=form["properties"]["prompt"]["examples"][0], steps="1")
-    files = [("image", ("in.png", image_bytes(64, 64), "image/png"))]
-    response = keyed.post("/v1/images/edits", data=data, files=files, headers={"Authorization": f"Bearer {KEY}"})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    if media_type == "multipart/form-data":
+        files = [("image", ("in.png", image_bytes(64, 64), "image/png"))]
+        response = keyed.post("/v1/images/edits", data=data, files=files, headers=auth)
+    else:
+        data["image"] = "data:image/png;base64," + base64.b64encode(image_bytes(64, 64)).decode()
+        response = keyed.post("/v1/images/edits", data=data, headers=auth)
+        assert response.request.headers["content-type"] == media_type
     assert response.status_code == 200, response.text
 
 
