@@ -2,9 +2,10 @@
 
 The document is FastAPI's own for the routes, completed from the wire models in server/protocol.py (the same models
 that validate requests, so the schema and the validation cannot disagree) and from the running configuration (served
-sizes, --max-n, model names, whether keys are required): the request bodies of both image endpoints (JSON; JSON and
-multipart/form-data for edits) and their responses, OpenAI's error envelope as the body of every error status, and the
-bearer key as a security scheme on the routes that check it. The image routes parse their bodies themselves, so that
+sizes, --max-n, model names, whether keys are required): the request bodies of both image endpoints (JSON; for edits
+also multipart/form-data and url-encoded forms) and their responses (JSON, or server-sent events with stream: true),
+OpenAI's error envelope as the body of every error status, and the bearer key as a security scheme (declared by
+server/auth.py's dependency) on the routes that check it. The image routes parse their bodies themselves, so that
 every validation failure is a 400 in our envelope and never FastAPI's 422: their bodies are documented here instead of
 being declared as route parameters.
 
@@ -39,6 +40,9 @@ from server.protocol import (
 
 ASSETS_URL = "/docs/assets"
 REF = "#/components/schemas/{model}"
+# Component names of an edit sent as a form, derived from EditsBody.
+EDITS_FORM = "EditsForm"
+EDITS_URLENCODED = "EditsUrlEncoded"
 # Swagger UI opens every operation with its request editor already editable.
 SWAGGER_UI_PARAMETERS = {"tryItOutEnabled": True, "displayRequestDuration": True, "defaultModelsExpandDepth": 0}
 
@@ -63,7 +67,8 @@ FORM_REPEATED = ("image",)
 JSON_ONLY_FIELDS = ("images",)
 
 ERROR_STATUSES = {
-    400: "A field is missing, malformed or out of range, or an input image cannot be used; param names the field.",
+    400: "A field is missing, malformed or out of range, or an input image cannot be used (param names the field); "
+    "or the body is not valid JSON (invalid_json) or multipart (invalid_multipart).",
     401: "Missing or wrong API key.",
     404: "Unknown model (model_not_found), route or stored file.",
     413: "The request body is larger than the server's limit.",
@@ -125,10 +130,6 @@ def openapi_document(app: FastAPI, settings: Settings) -> dict[str, Any]:
             operation["responses"].update(error_responses(sorted(statuses)))
     for unused in ("HTTPValidationError", "ValidationError"):
         components["schemas"].pop(unused, None)
-    if settings.metrics_require_key:
-        # The scheme is declared by the keyed routes' dependency; make sure it exists whatever they are.
-        schemes = components.setdefault("securitySchemes", {})
-        schemes.setdefault(auth.bearer_scheme.scheme_name, auth.bearer_scheme.model.model_dump(by_alias=True))
     return document
 
 
@@ -162,10 +163,6 @@ def component_schemas(settings: Settings) -> dict[str, Any]:
     schemas[EDITS_FORM] = edits_form_schema(schemas[EditsBody.__name__])
     schemas[EDITS_URLENCODED] = edits_form_schema(schemas[EditsBody.__name__], files=False)
     return schemas
-
-
-EDITS_FORM = "EditsForm"
-EDITS_URLENCODED = "EditsUrlEncoded"
 
 
 def _constrain(schema: dict[str, Any], **constraints: Any) -> None:
