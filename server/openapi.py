@@ -64,6 +64,7 @@ FORM_IMAGE_FIELDS = {
     ),
 }
 FORM_REPEATED = ("image",)
+EMPTY_FORM_VALUE = {"type": "string", "const": "", "description": "Empty: the same as leaving the field out."}
 JSON_ONLY_FIELDS = ("images",)
 
 ERROR_STATUSES = {
@@ -189,6 +190,11 @@ def edits_form_schema(json_schema: dict[str, Any], *, files: bool = True) -> dic
             schema["anyOf"] = branches
         if "default" in schema and schema["default"] is None:
             del schema["default"]
+            if "examples" not in schema:
+                # Empty means absent (what a form sends for an input left empty); listed first, it is also what a
+                # form tool fills in, rather than a made-up value such as the largest seed.
+                value = {key: schema.pop(key) for key in list(schema) if key != "description"}
+                schema["anyOf"] = [EMPTY_FORM_VALUE, value]
     for name, (as_file, as_text) in FORM_IMAGE_FIELDS.items():
         if name not in properties:
             continue

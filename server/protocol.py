@@ -339,8 +339,11 @@ def validation_error_to_invalid_request(model: type[BaseModel], error: Validatio
 
 def parse_fields(model: type[ImageFields], raw: dict[str, Any], *, form: bool = False) -> ImageFields:
     """Validate raw fields; JSON nulls count as absent, so defaults apply. `form`: the values came from a form (all
-    text), where a boolean may also be written 1 or 0."""
-    cleaned = {key: value for key, value in raw.items() if value is not None}
+    text), where a boolean may also be written 1 or 0, and an empty field counts as absent: a browser's form (and
+    Swagger UI's) sends every input it shows, "" for one left empty. A blank prompt is still an error of its own."""
+    cleaned = {
+        key: value for key, value in raw.items() if value is not None and not (form and value == "" and key != "prompt")
+    }
     try:
         return model.model_validate(cleaned, context={"form": form})
     except ValidationError as exc:

@@ -158,6 +158,9 @@ async def _edit_parts(request: Request) -> tuple[dict[str, Any], list[ImageSourc
         stray_files: list[str] = []
         for key, value in form.multi_items():
             payload = await value.read() if isinstance(value, UploadFile) else value
+            if key in (*IMAGE_PART_NAMES, MASK_PART_NAME) and not payload:
+                # A file input left empty: browsers (and Swagger UI) still send the part, with nothing in it.
+                continue
             if key in IMAGE_PART_NAMES:
                 sources.append(("image", payload))
             elif key == MASK_PART_NAME:

@@ -57,8 +57,10 @@ def body_schema(document: dict, path: str, media_type: str) -> dict:
 
 
 def branch(prop: dict) -> dict:
-    """The non-null branch of an optional property."""
-    options = [option for option in prop.get("anyOf", [prop]) if option.get("type") != "null"]
+    """The value branch of an optional property: not JSON's null, nor a form's empty string."""
+    options = [
+        option for option in prop.get("anyOf", [prop]) if option.get("type") != "null" and option.get("const") != ""
+    ]
     assert len(options) == 1, prop
     return {**prop, **options[0]}
 

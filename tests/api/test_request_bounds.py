@@ -192,3 +192,31 @@ def test_a_generation_over_the_cap_names_n_or_size(make_client, gated):
     assert_error(generate(client, n=4), 400, "n")
     assert_error(generate(client, size="1024x1024"), 400, "size")
     assert len(gated.requests) == 1
+
+
+# -- forms as browsers send them -------------------------------------------------------------------------------------
+
+
+def test_a_form_with_every_input_left_empty_is_the_same_as_leaving_them_out(make_client, gated):
+    # A browser form (and Swagger UI's "Try it out") sends every input it shows: "" for those left empty, and an
+    # empty part for a file input with no file. Before, seed="" or output_compression="" were 400s.
+    client = make_client(backend=gated)
+    empty = {name: "" for name in ("model", "seed", "output_compression", "size", "negative_prompt", "n", "stream")}
+    files = [("image", ("in.png", image_bytes(64, 64), "image/png")), ("mask", ("", b"", "application/octet-stream"))]
+    response = client.post("/v1/images/edits", data={**empty, "prompt": "x", "steps": "1"}, files=files)
+    assert response.status_code == 200, response.text
+    request = gated.requests[-1]
+    assert (request.n, request.mask, request.negative_prompt) == (1, None, "")
+
+
+def test_an_empty_prompt_in_a_form_is_still_blank_and_no_file_is_still_no_image(client):
+    files = [("image", ("in.png", image_bytes(64, 64), "image/png"))]
+    assert_error(client.post("/v1/images/edits", data={"prompt": ""}, files=files), 400, "prompt")
+    empty_input = [("image", ("", b"", "application/octet-stream"))]
+    response = client.post("/v1/images/edits", data={"prompt": "x"}, files=empty_input)
+    assert_error(response, 400, "image", "missing_required_parameter")
+
+
+def test_an_empty_string_in_json_is_not_absent(client):
+    # JSON has null for "absent"; an empty string there is a value, judged by the field's rule.
+    assert_error(generate(client, seed=""), 400, "seed")

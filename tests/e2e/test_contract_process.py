@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -17,7 +18,8 @@ import pytest
 from PIL import Image
 
 from server.protocol import EditsBody, GenerationsBody
-from tests.e2e.test_server_process import AUTH, FAST, MODEL, assert_envelope, generate, make_image
+from tests.e2e.cdp import NO_INTERNET, Browser
+from tests.e2e.test_server_process import AUTH, FAST, KEY, MODEL, assert_envelope, generate, make_image
 
 pytestmark = pytest.mark.e2e
 
@@ -103,22 +105,26 @@ def test_openapi_document_from_the_real_server(base_url):
     assert made.status_code == 200, made.text
 
 
-def render(url: str, tmp_path) -> str:
-    """The page's DOM after its scripts ran, in headless Chromium that can resolve no host but this machine."""
+def need_chromium() -> str:
     if CHROMIUM is None:
         # CI must run these: there a missing browser is a missing install step, not a reason to skip.
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed; CI installs Debian's chromium for the browser tests")
         pytest.skip("chromium is not installed")
+    return CHROMIUM
+
+
+def render(url: str, tmp_path) -> str:
+    """The page's DOM after its scripts ran, in headless Chromium that can resolve no host but this machine."""
     command = [
-        CHROMIUM,
+        need_chromium(),
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
         "--no-first-run",
         f"--user-data-dir={tmp_path / 'profile'}",
         # Every name resolves to nothing except the loopback address: a CDN asset would fail to load.
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        NO_INTERNET,
         "--virtual-time-budget=20000",
         "--dump-dom",
         url,
@@ -145,3 +151,53 @@ def test_redoc_renders_offline(base_url, tmp_path):
     assert "Edit an image from a prompt" in dom and "Create images from a prompt" in dom
     missing = [name for name in GenerationsBody.model_fields if name not in dom]
     assert not missing, missing
+
+
+@pytest.fixture
+def browser(tmp_path) -> Iterator[Browser]:
+    opened = Browser(need_chromium(), tmp_path / "profile")
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def try_it_out(page, operation: str, filled: str) -> tuple[str, dict]:
+    """Once the operation's editor is `filled` (a selector whose element has a value), authorize with the key,
+    press Execute, and read the live response's status and body."""
+    selector = f"#operations-default-{operation}"
+    page.wait_for(f"!!document.querySelector('{selector} .execute')")
+    # Swagger UI fills its editor after drawing the button; Execute on an empty editor sends nothing.
+    page.wait_for(f"document.querySelector('{selector} {filled}')?.value")
+    # Swagger UI's own call behind its Authorize dialog.
+    page.evaluate(f"ui.preauthorizeApiKey('bearerAuth', '{KEY}')")
+    page.evaluate(f"document.querySelector('{selector} .execute').click()")
+    try:
+        status = page.wait_for(
+            f"document.querySelector('{selector} .live-responses-table tbody .response-col_status')?.innerText", 120
+        )
+    except TimeoutError:
+        shown = page.evaluate(f"document.querySelector('{selector}')?.innerText")
+        pytest.fail(f"no response shown after Execute; the operation reads:\n{shown}")
+    body = page.evaluate(f"document.querySelector('{selector} .live-responses-table tbody pre.microlight')?.innerText")
+    return status.strip(), json.loads(body)
+
+
+def test_swagger_try_it_out_runs_the_documented_json_generation(base_url, browser):
+    # The body editor starts from the documented example; Execute sends it with the key, as a person would.
+    page = browser.open(f"{base_url}/docs#/default/createImage")
+    status, body = try_it_out(page, "createImage", ".body-param textarea")
+    assert status == "200", body
+    assert body["data"][0]["seed"] == 42 and body["size"] == "1024x1024" and "b64_json" in body["data"][0]
+
+
+def test_swagger_try_it_out_runs_a_multipart_edit_with_a_chosen_file(base_url, browser, tmp_path):
+    picture = tmp_path / "input.png"
+    picture.write_bytes(make_image(96, 64))
+    page = browser.open(f"{base_url}/docs#/default/createImageEdit")
+    page.wait_for("!!document.querySelector('#operations-default-createImageEdit input[type=file]')")
+    page.set_files("#operations-default-createImageEdit input[type=file]", [picture])
+    status, body = try_it_out(page, "createImageEdit", "input[type=file]")
+    assert status == "200", body
+    # Every field left at its documented default: a stored result's URL, the input's size (HEIGHTxWIDTH).
+    assert body["size"] == "64x96" and body["data"][0]["url"].startswith(base_url)
