@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from importlib.metadata import version as package_version
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -285,7 +284,6 @@ def create_app(
         settings,
         title="stepimage",
         description="Step Image Edit 2 image API on open weights",
-        version=package_version("stepimage"),
         lifespan=lifespan,
     )
     app.state.stepimage = state

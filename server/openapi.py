@@ -20,6 +20,7 @@ import copy
 import functools
 import io
 import json
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import FastAPI
@@ -95,8 +96,13 @@ EXTRA_ERRORS = {
 
 def create_documented_app(settings: Settings, **fastapi_options: Any) -> FastAPI:
     """A FastAPI app whose /docs and /redoc load their assets from this server, and whose /openapi.json is
-    `openapi_document(app, settings)`."""
-    app = FastAPIOffline(static_url=ASSETS_URL, swagger_ui_parameters=SWAGGER_UI_PARAMETERS, **fastapi_options)
+    `openapi_document(app, settings)`, versioned as the installed package."""
+    app = FastAPIOffline(
+        static_url=ASSETS_URL,
+        swagger_ui_parameters=SWAGGER_UI_PARAMETERS,
+        version=_package_version(),
+        **fastapi_options,
+    )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -105,6 +111,13 @@ def create_documented_app(settings: Settings, **fastapi_options: Any) -> FastAPI
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _package_version() -> str:
+    try:
+        return version("stepimage")
+    except PackageNotFoundError:  # a source tree imported without being installed
+        return "unknown"
 
 
 def openapi_document(app: FastAPI, settings: Settings) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def _wire_boolean(value: Any, info: ValidationInfo) -> Any:
 
 
 WireBool = Annotated[bool, BeforeValidator(_wire_boolean)]
-_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class ImageFields(BaseModel):

@@ -27,10 +27,17 @@ def test_form_booleans_are_true_false_1_0_in_any_case(value, expected):
     assert parse_fields(EditsBody, {"prompt": "x", "text_mode": value}, form=True).text_mode is expected
 
 
-@pytest.mark.parametrize("value", ["yes", "no", "on", "off", "t", "f", "y", "n", "2", "", " true", "1.0"])
+@pytest.mark.parametrize("value", ["yes", "no", "on", "off", "t", "f", "y", "n", "2", " true", "1.0"])
 def test_other_form_spellings_are_refused(value):
     error = invalid(EditsBody, {"prompt": "x", "text_mode": value}, form=True)
     assert (error.param, error.message) == ("text_mode", BOOLEAN_MESSAGE + json.dumps(value))
+
+
+def test_an_empty_form_field_is_absent_but_an_empty_json_string_is_a_value():
+    fields = parse_fields(EditsBody, {"prompt": "x", "text_mode": "", "seed": "", "model": ""}, form=True)
+    assert (fields.text_mode, fields.seed, fields.model) == (False, None, None)
+    assert invalid(EditsBody, {"prompt": "x", "text_mode": ""}).param == "text_mode"
+    assert invalid(EditsBody, {"prompt": ""}, form=True).message == "prompt must not be blank"
 
 
 @pytest.mark.parametrize("value", ["true", "yes", "on", 1, 0, 1.0, [], {}])
