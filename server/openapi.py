@@ -77,8 +77,10 @@ ERROR_STATUSES = {
     415: "A content type this endpoint does not take.",
     429: "The queue is full; retry after Retry-After seconds.",
     500: "Anything unexpected: a short message with the request id, nothing internal.",
-    503: "Not ready yet (the model is loading) or shutting down; retry after Retry-After seconds.",
+    503: "Not ready yet (the model is loading) or shutting down, retry after Retry-After seconds; or result storage "
+    "is unreachable (storage_unavailable).",
     504: "The request's deadline passed before it finished.",
+    507: "A url result cannot be stored: result storage is out of space (insufficient_storage).",
 }
 RETRY_AFTER_STATUSES = (429, 503)
 
@@ -87,9 +89,9 @@ EDITS_PATH = "/v1/images/edits"
 METRICS_PATH = "/metrics"
 # Error statuses beyond 500 (every route) and 401 (every keyed route), by path.
 EXTRA_ERRORS = {
-    GENERATIONS_PATH: (400, 404, 413, 415, 429, 503, 504),
-    EDITS_PATH: (400, 404, 413, 415, 429, 503, 504),
-    "/v1/images/files/{name}": (404,),
+    GENERATIONS_PATH: (400, 404, 413, 415, 429, 503, 504, 507),
+    EDITS_PATH: (400, 404, 413, 415, 429, 503, 504, 507),
+    "/v1/images/files/{name}": (404, 503),
     "/ready": (503,),
 }
 

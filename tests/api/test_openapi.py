@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 KEY = "secret-key"
 IMAGE_PATHS = ("/v1/images/generations", "/v1/images/edits")
 # Every error status an image request can get, each with the envelope as its body.
-IMAGE_ERROR_STATUSES = {"400", "401", "404", "413", "415", "429", "500", "503", "504"}
+IMAGE_ERROR_STATUSES = {"400", "401", "404", "413", "415", "429", "500", "503", "504", "507"}
 
 
 @pytest.fixture
