@@ -73,8 +73,10 @@ ERROR_STATUSES = {
     "or the body is not valid JSON (invalid_json) or multipart (invalid_multipart).",
     401: "Missing or wrong API key.",
     404: "Unknown model (model_not_found), route or stored file.",
+    408: "The request body stopped arriving within the server's timeout (request_timeout).",
     413: "The request body is larger than the server's limit.",
     415: "A content type this endpoint does not take.",
+    431: "Request headers over the server's limit (headers_too_large).",
     429: "The queue is full; retry after Retry-After seconds.",
     500: "Anything unexpected: a short message with the request id, nothing internal.",
     503: "Not ready yet (the model is loading) or shutting down, retry after Retry-After seconds; or result storage "
@@ -87,10 +89,10 @@ RETRY_AFTER_STATUSES = (429, 503)
 GENERATIONS_PATH = "/v1/images/generations"
 EDITS_PATH = "/v1/images/edits"
 METRICS_PATH = "/metrics"
-# Error statuses beyond 500 (every route) and 401 (every keyed route), by path.
+# Error statuses beyond 431 and 500 (every route) and 401 (every keyed route), by path.
 EXTRA_ERRORS = {
-    GENERATIONS_PATH: (400, 404, 413, 415, 429, 503, 504, 507),
-    EDITS_PATH: (400, 404, 413, 415, 429, 503, 504, 507),
+    GENERATIONS_PATH: (400, 404, 408, 413, 415, 429, 503, 504, 507),
+    EDITS_PATH: (400, 404, 408, 413, 415, 429, 503, 504, 507),
     "/v1/images/files/{name}": (404, 503),
     "/ready": (503,),
 }
@@ -130,7 +132,7 @@ def openapi_document(app: FastAPI, settings: Settings) -> dict[str, Any]:
     image_operations = {GENERATIONS_PATH: generations_operation, EDITS_PATH: edits_operation}
     for path, operations in document["paths"].items():
         for operation in operations.values():
-            statuses = {500, *EXTRA_ERRORS.get(path, ())}
+            statuses = {431, 500, *EXTRA_ERRORS.get(path, ())}
             # FastAPI documents a 422 for routes with parameters; our handler answers those failures with a 400.
             if operation["responses"].pop("422", None) is not None:
                 statuses.add(400)

@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 KEY = "secret-key"
 IMAGE_PATHS = ("/v1/images/generations", "/v1/images/edits")
 # Every error status an image request can get, each with the envelope as its body.
-IMAGE_ERROR_STATUSES = {"400", "401", "404", "413", "415", "429", "500", "503", "504", "507"}
+IMAGE_ERROR_STATUSES = {"400", "401", "404", "408", "413", "415", "429", "431", "500", "503", "504", "507"}
 
 
 @pytest.fixture
@@ -303,12 +303,15 @@ def test_a_form_filled_with_the_documented_defaults_is_accepted(keyed, media_typ
     assert response.status_code == 200, response.text
 
 
-# -- the README shows every field ------------------------------------------------------------------------------------
+# -- the README and the contract document show every field -------------------------------------------------------
 
 
-def test_the_readme_fields_table_lists_every_request_field():
-    readme = (REPO_ROOT / "README.md").read_text()
-    table = readme.split("### Fields", 1)[1].split("\n\n", 2)[1]
+@pytest.mark.parametrize(
+    ("page", "heading"), [("README.md", "### Fields"), ("docs/api-contract.md", "## Request fields")]
+)
+def test_the_contract_pages_list_every_request_field(page, heading):
+    text = (REPO_ROOT / page).read_text()
+    table = next(block for block in text.split(heading, 1)[1].split("\n\n") if block.startswith("|"))
     listed = set(re.findall(r"^\| `([a-z_\[\]]+)`", table, flags=re.MULTILINE))
     fields = set(GenerationsBody.model_fields) | set(EditsBody.model_fields)
     assert fields <= listed, sorted(fields - listed)
