@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         default_factory=list, description="More names accepted for the same model."
     )
     max_n: int = Field(4, ge=1, description="Most images one request may ask for.")
+    max_output_pixels: int = Field(
+        4096 * 4096,
+        ge=64 * 64,
+        description="Most output pixels one request may ask for (n x width x height), refused with 400 before any "
+        "work; the default fits one edit of the largest input, 4096x4096, or four 2048x2048.",
+    )
     max_edit_images: int = Field(
         4, ge=1, description="Most input images one edit may send (the edited image plus references)."
     )
