@@ -30,7 +30,7 @@ from server import errors
 from server.config import Settings
 from server.engine import Engine
 from server.metrics import Metrics
-from server.routes import health, images, models
+from server.routes import health, images, models, ui
 from server.serving import ImageService
 from server.storage import ResultStore
 
@@ -288,6 +288,8 @@ def create_app(
     app.include_router(images.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    if settings.ui:
+        app.include_router(ui.build_router())
     # Added last = outermost: the id exists before anything else runs, and the body limit applies to all.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="Run every generation size once before reporting ready.")
     sweep_interval: float = Field(60.0, gt=0, description="Seconds between sweeps of expired results.")
     log_level: str = Field("info", description="debug, info, warning or error.")
+    ui: bool = Field(True, description="Serve the playground page at / (with --no-ui, / is a 404).")
 
     @field_validator("api_keys", "model_aliases", "extra_sizes", "devices", mode="before")
     @classmethod
