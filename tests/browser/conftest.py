@@ -31,6 +31,7 @@ CHROMIUM_ARGS = [
 # Small extra sizes keep each image a fraction of a second on the tiny CPU model.
 SMALL = "128x128"
 KEY = "browser-test-key"
+OPEN_MAX_QUEUE = 2
 DESKTOP = {"width": 1366, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
@@ -57,7 +58,11 @@ def browser_servers(request, tmp_path_factory: pytest.TempPathFactory, chromium_
         request.addfinalizer(server.stop)
         return server
 
-    return {"open": start("open", ports[0]), "keyed": start("keyed", ports[1], "--api-key", KEY)}
+    # A short queue on the open server lets a test fill it and see the page explain the 429.
+    return {
+        "open": start("open", ports[0], "--max-queue", str(OPEN_MAX_QUEUE)),
+        "keyed": start("keyed", ports[1], "--api-key", KEY),
+    }
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,14 @@ with it, checked against what the API itself answers."""
 from __future__ import annotations
 
 import base64
+import json
+import socket
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.browser.conftest import KEY, PHONE, SMALL
+from tests.browser.conftest import KEY, OPEN_MAX_QUEUE, PHONE, SMALL
 from tests.browser.helpers import (
     RESULTS,
     decoded,
@@ -115,8 +117,8 @@ def test_edit_this_result_chains_edits(page):
     fill(page, "a house", seed=11)
     first = response_images(send(page))[0]
     page.get_by_role("button", name="Edit this result").click()
-    assert page.get_by_label("Edit", exact=True).is_checked()
     page.get_by_text("Edited · result-11.png · 128x128").wait_for()
+    assert page.get_by_label("Edit", exact=True).is_checked()
     # The prompt box has the focus, ready for the next instruction.
     assert page.evaluate("document.activeElement.id") == "prompt"
     page.keyboard.type("now at night")
@@ -274,6 +276,47 @@ def test_cancel_stops_the_work_on_the_server(page, open_server):
         assert page.locator("#history .history-error").inner_text() == "Cancelled."
         wait_for(lambda: metric(http, "stepimage_cancellations_total") > before, timeout=30)
     assert page.get_by_role("button", name="Generate").is_enabled()
+
+
+def occupy(base_url: str, count: int) -> list[socket.socket]:
+    """`count` slow generations sent over raw sockets, so that closing a socket is a client going away."""
+    host, port = base_url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "keep busy", "size": "1024x1024", "steps": 50}).encode()
+    head = (
+        f"POST /v1/images/generations HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    connections = []
+    for _ in range(count):
+        connection = socket.create_connection((host, int(port)))
+        connection.sendall(head + body)
+        connections.append(connection)
+    return connections
+
+
+def test_a_full_queue_says_when_to_retry(page, open_server, page_problems):
+    page_problems.expected_http_errors = True
+    with httpx.Client(base_url=open_server.base_url) as http:
+        busy = occupy(open_server.base_url, OPEN_MAX_QUEUE)
+        try:
+            wait_for(
+                lambda: metric(http, "stepimage_in_flight") + metric(http, "stepimage_queue_depth") == OPEN_MAX_QUEUE,
+                timeout=30,
+            )
+            fill(page, "one too many")
+            with page.expect_response(lambda response: "/v1/images/" in response.url) as answer:
+                page.get_by_role("button", name="Generate").click()
+            assert answer.value.status == 429
+            retry_after = int(answer.value.headers["retry-after"])
+            message = page.get_by_role("alert").filter(has_text="busy")
+            message.wait_for()
+            assert message.inner_text().startswith("The server is busy: ")
+            unit = "second" if retry_after == 1 else "seconds"
+            assert f"Try again in {retry_after} {unit}." in message.inner_text()
+        finally:
+            for connection in busy:
+                connection.close()
+        wait_for(lambda: metric(http, "stepimage_in_flight") + metric(http, "stepimage_queue_depth") == 0, timeout=60)
 
 
 def test_the_key_prompt_on_a_keyed_server(new_page, keyed_server, page_problems):

@@ -133,6 +133,7 @@ function applyConfig(config) {
   $("image-input").multiple = config.features.multiple_images;
   $("references-hint").hidden = !config.features.multiple_images;
   updateMode();
+  $("submit").disabled = false;
   if (config.keys_required && !state.key) askForKey();
   else if (config.keys_required) checkKey();
 }
@@ -428,6 +429,8 @@ async function send() {
   const timer = setInterval(tick, 200);
   const previews = new Map();
   $("results").replaceChildren();
+  // On a phone the results sit below the form: bring them into view.
+  if ($("output-title").getBoundingClientRect().top > window.innerHeight) $("output-title").scrollIntoView();
   try {
     const outcome = await runImageRequest(spec, {
       key: state.key,
