@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             flops = transformer_flops(config, tokens, text_tokens)
             entry["text_to_image"][f"{height}x{width}"] = measure(backend, request, args.repeats, flops, peak)
         edit = GenerationRequest(prompt="make the sky red", seed=1, steps=args.steps, image=edit_source)
-        work_w, work_h = backend.batch_key(edit)[1]
+        work_w, work_h = backend.batch_key(edit)[1][0]  # the edited image's working size
         tokens = 2 * image_tokens(work_h, work_w)  # the generated image plus the reference image
         entry["edit"] = measure(backend, edit, args.repeats, transformer_flops(config, tokens, text_tokens), peak)
         if args.baseline and not compiled and "baseline_plain_diffusers" not in report:

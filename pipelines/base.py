@@ -32,12 +32,24 @@ class GenerationRequest:
     height: int = 1024
     width: int = 1024
     text_mode: bool = False
+    # The picture being edited: the result has its size, and `mask` applies to it.
     image: Image.Image | None = None
     n: int = 1
+    # Further reference images for an edit (the prompt may refer to them as "image 2", ...).
+    references: tuple[Image.Image, ...] = ()
+    # Mode "L" at the edited image's size: 255 marks pixels to regenerate, 0 pixels to keep exactly.
+    mask: Image.Image | None = None
+    # Previews of the predicted final image to hand to `progress` at evenly spaced steps.
+    partial_images: int = 0
 
     @property
     def is_edit(self) -> bool:
         return self.image is not None
+
+    @property
+    def images(self) -> tuple[Image.Image, ...]:
+        """Every input image, the edited one first."""
+        return () if self.image is None else (self.image, *self.references)
 
     @property
     def seeds(self) -> list[int]:
@@ -55,6 +67,21 @@ class GenerationResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     # What the backend actually did, for logs and tests: working size, transformer passes per step, ...
     details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PartialImages:
+    """A preview of one request's images while they are being made: the model's current estimate of the final
+    images (one per requested image, in seed order), taken after denoising step `step` of `steps`."""
+
+    index: int
+    images: list[Image.Image]
+    step: int = 0
+    steps: int = 0
+
+
+# Called on the backend's thread with (index of the request in the batch, its preview).
+ProgressCallback = Callable[[int, PartialImages], None]
 
 
 class Cancelled(Exception):
@@ -79,6 +106,9 @@ class Backend(Protocol):
     info: BackendInfo
 
     def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> GenerationResult: ...
+
+    # Optional: `generate_batch(requests, cancel=None, progress=None) -> list[GenerationResult]` runs requests of one
+    # `batch_key(request)` as a single call and reports previews through `progress` (a ProgressCallback).
 
     def warm_up(self, sizes: list[tuple[int, int]], progress: Callable[[str], None] | None = None) -> None: ...
 

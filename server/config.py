@@ -75,6 +75,9 @@ class Settings(BaseSettings):
         default_factory=list, description="More names accepted for the same model."
     )
     max_n: int = Field(4, ge=1, description="Most images one request may ask for.")
+    max_edit_images: int = Field(
+        4, ge=1, description="Most input images one edit may send (the edited image plus references)."
+    )
     extra_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="More HEIGHTxWIDTH sizes for generations (multiples of 16)."
     )

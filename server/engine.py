@@ -13,6 +13,8 @@
   text_mode; see the backend's `batch_key`) run as one pipeline call of up to `max_batch_size` images,
   after an optional short wait for company. A batch stops early only when every request in it is gone:
   cancelling one request never affects the others.
+- **Previews**: a request that asks for partial images gets each preview through its `on_partial` callback, called
+  on the event loop (the worker thread hands them over), until the request is done or abandoned.
 - **Drain**: stop taking requests, finish every accepted one, stop the workers.
 """
 
@@ -27,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pipelines.base import Backend, Cancelled, GenerationRequest, GenerationResult
+from pipelines.base import Backend, Cancelled, GenerationRequest, GenerationResult, PartialImages
 from server.errors import ApiError, NotReady, Overloaded, Timeout
 from server.metrics import Metrics
 
@@ -62,6 +64,13 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     # Set from the event loop, read by the worker thread between denoising steps.
     cancelled: bool = False
+    # Receives this request's previews on the event loop.
+    on_partial: Callable[[PartialImages], None] | None = None
+
+    def deliver(self, partial: PartialImages) -> None:
+        """Hand a preview to the waiting request, unless nobody waits for it any more."""
+        if self.on_partial is not None and not self.cancelled and not self.future.done():
+            self.on_partial(partial)
 
     @property
     def images(self) -> int:
@@ -204,7 +213,10 @@ class Engine:
         *,
         timeout: float | None = None,
         disconnected: Callable[[], Awaitable[bool]] | None = None,
+        on_partial: Callable[[PartialImages], None] | None = None,
     ) -> EngineResult:
+        """Queue `request` and wait for its result. `on_partial` receives its previews (see
+        `GenerationRequest.partial_images`) on the event loop while it runs."""
         if not self._accepting:
             raise NotReady("The server is shutting down; retry shortly.", retry_after=5)
         if not self.workers:
@@ -216,7 +228,12 @@ class Engine:
                 retry_after=self._retry_after(),
             )
         limit = self.request_timeout if timeout is None else min(timeout, self.request_timeout)
-        job = Job(request=request, key=self._batch_key(request), future=asyncio.get_running_loop().create_future())
+        job = Job(
+            request=request,
+            key=self._batch_key(request),
+            future=asyncio.get_running_loop().create_future(),
+            on_partial=on_partial,
+        )
         condition = self._condition()
         async with condition:
             self._queue.append(job)
@@ -313,7 +330,7 @@ class Engine:
             images = sum(job.images for job in batch)
             self.metrics.batch_size.observe(images)
             try:
-                results = await loop.run_in_executor(worker.executor, self._run_batch, worker.backend, batch)
+                results = await loop.run_in_executor(worker.executor, self._run_batch, worker.backend, batch, loop)
             except Exception as exc:  # noqa: BLE001 - every waiting request must hear about it
                 for job in batch:
                     if not job.future.done():
@@ -334,11 +351,18 @@ class Engine:
                     condition.notify_all()
 
     @staticmethod
-    def _run_batch(backend: Backend, batch: list[Job]) -> list[GenerationResult]:
+    def _run_batch(backend: Backend, batch: list[Job], loop: asyncio.AbstractEventLoop) -> list[GenerationResult]:
         cancel = BatchCancel(batch)
         if cancel.is_set():
             raise Cancelled()
+
+        def progress(index: int, partial: PartialImages) -> None:
+            loop.call_soon_threadsafe(batch[index].deliver, partial)
+
         generate_batch = getattr(backend, "generate_batch", None)
         if generate_batch is not None:
+            wants_previews = any(job.request.partial_images for job in batch)
+            if wants_previews:
+                return generate_batch([job.request for job in batch], cancel, progress=progress)
             return generate_batch([job.request for job in batch], cancel)
         return [backend.generate(job.request, cancel) for job in batch]

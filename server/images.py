@@ -145,6 +145,38 @@ def decode_image(
     Sizes are checked from the header before any pixel is decoded, so an oversized or bomb-like file costs only the
     parse of its header. Every problem with the bytes becomes an `InvalidRequest` for `param`.
     """
+    return _decode(data, param, min_side, max_side, _to_rgb)
+
+
+def decode_mask(data: bytes, *, size: tuple[int, int], param: str = "mask") -> Image.Image:
+    """Decode an edit mask: an image with an alpha channel whose fully transparent pixels mark the area to change
+    (OpenAI's convention), the same size as the edited image (`size`, width x height, after EXIF orientation).
+
+    Returns mode "L": 255 where the picture is to be regenerated, 0 where it must be kept. A mask of another size,
+    without alpha, or with no fully transparent pixel is an `InvalidRequest` for `param`.
+    """
+    plane = _decode(data, param, MIN_SIDE, MAX_SIDE, _alpha_plane)
+    if plane is None:
+        raise InvalidRequest(
+            param, f"{param} has no alpha channel; send a PNG whose fully transparent pixels mark the area to change"
+        )
+    if plane.size != size:
+        raise InvalidRequest(
+            param,
+            f"{param} is {plane.size[0]} pixels wide and {plane.size[1]} pixels high, but the image is "
+            f"{size[0]}x{size[1]}; the mask must be the same size as the (first) image",
+        )
+    regenerate = plane.point(lambda alpha: 255 if alpha == 0 else 0)
+    if regenerate.getbbox() is None:
+        raise InvalidRequest(
+            param, f"{param} has no fully transparent pixel, so nothing would change; make the area to edit transparent"
+        )
+    return regenerate
+
+
+def _decode(data: bytes, param: str, min_side: int, max_side: int, finish):
+    """Open, check and fully load an upload, apply its EXIF orientation and hand it to `finish`, which returns the
+    in-memory result (possibly the image itself, which is then copied away from the file-backed object)."""
     if not 1 <= min_side <= max_side:
         raise ValueError(f"need 1 <= min_side <= max_side, got {min_side} and {max_side}")
     if not data:
@@ -183,21 +215,31 @@ def decode_image(
 
             oriented = _apply_orientation(image)
             try:
-                rgb = _to_rgb(oriented)
+                result = finish(oriented)
             except MemoryError:
                 raise
             except Exception:
                 message = f"{param} uses colour mode {oriented.mode}, which is not supported"
                 raise InvalidRequest(param, message) from None
 
-            if rgb is image:
+            if result is image:
                 # Still the file-backed object (it may hold the input buffer and, for GIF/TIFF, a seekable frame
                 # reader); the caller gets a plain in-memory image instead.
-                rgb = image.copy()
-    # EXIF/XMP orientation, ICC and similar metadata no longer describe these pixels; a later exif_transpose or
-    # encoder must not act on them.
-    rgb.info = {}
-    return rgb
+                result = image.copy()
+    if result is not None:
+        # EXIF/XMP orientation, ICC and similar metadata no longer describe these pixels; a later exif_transpose or
+        # encoder must not act on them.
+        result.info = {}
+    return result
+
+
+def _alpha_plane(image: Image.Image) -> Image.Image | None:
+    """The alpha channel as mode "L" (0 = fully transparent), or None for an image without transparency."""
+    if not image.has_transparency_data:
+        return None
+    if image.mode in ("RGBA", "LA"):
+        return image.getchannel("A")
+    return image.convert("RGBA").getchannel("A")
 
 
 def _too_many_pixels(param: str, min_side: int, max_side: int) -> InvalidRequest:

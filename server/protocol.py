@@ -16,6 +16,7 @@ from server.errors import InvalidRequest
 
 MAX_PROMPT_CHARS = 512
 MAX_SEED = 2_147_483_647
+MAX_PARTIAL_IMAGES = 3
 OutputFormat = Literal["png", "jpeg", "webp"]
 ResponseFormat = Literal["url", "b64_json"]
 
@@ -40,8 +41,18 @@ class ImageFields(BaseModel):
     n: int = Field(1, ge=1, description="Images per request (extension); image i uses seed + i.")
     output_format: OutputFormat = Field("png", description="Extension: png, jpeg or webp.")
     output_compression: int | None = Field(None, ge=0, le=100, description="Extension: jpeg/webp quality.")
+    stream: bool = Field(
+        False, description="Extension (OpenAI's streaming): answer with server-sent events instead of one JSON body."
+    )
+    partial_images: int = Field(
+        0,
+        ge=0,
+        le=MAX_PARTIAL_IMAGES,
+        description="Extension, with stream: previews of the final image sent at evenly spaced steps (fewer when "
+        "there are fewer steps than previews).",
+    )
 
-    @field_validator("seed", "steps", "n", "output_compression", "cfg_scale", mode="before")
+    @field_validator("seed", "steps", "n", "output_compression", "cfg_scale", "partial_images", mode="before")
     @classmethod
     def _no_booleans_as_numbers(cls, value: Any) -> Any:
         # pydantic would read true as 1; a boolean in a numeric field is a client bug worth reporting.
@@ -61,10 +72,54 @@ class GenerationsBody(ImageFields):
     size: str = Field(DEFAULT_SIZE, description="HEIGHTxWIDTH, one of the served sizes.")
 
 
+class ImageURL(BaseModel):
+    """OpenAI's JSON shape for an input image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: str = Field(..., description="The image as a data URL (data:image/png;base64,...) or plain base64.")
+
+
 class EditsBody(ImageFields):
     # Accepted and ignored: an edit returns the input's own size.
     size: str | None = Field(None, description="Ignored for edits: the result has the input's size.")
-    image: str | None = Field(None, description="Base64 or data URL, when not sent as a file part.")
+    image: str | list[str] | None = Field(
+        None,
+        description="The image to edit, base64 or a data URL (in multipart: file parts named image or image[]). "
+        "A list adds reference images after the first; the result has the first image's size.",
+    )
+    images: list[ImageURL] | None = Field(
+        None,
+        description="OpenAI's JSON shape for the input images: the first is edited, the others are references.",
+    )
+    mask: str | ImageURL | None = Field(
+        None,
+        description="A PNG with alpha, the first image's size: fully transparent pixels mark the area to change; "
+        "every other pixel is kept exactly. Base64, a data URL, {\"image_url\": ...} or a file part.",
+    )
+
+
+class InputTokensDetails(BaseModel):
+    text_tokens: int = Field(..., description="Prompt tokens the text encoder read (and the negative prompt's).")
+    image_tokens: int = Field(..., description="Latent tokens of the input images the model attended to.")
+
+
+class Usage(BaseModel):
+    """What the model processed, in tokens: 16x16-pixel latent patches for images, tokenizer tokens for text."""
+
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int = Field(..., description="Latent tokens of the images made (all n of them).")
+    total_tokens: int
+
+    @classmethod
+    def of(cls, text_tokens: int, image_tokens: int, output_tokens: int) -> Usage:
+        return cls(
+            input_tokens=text_tokens + image_tokens,
+            input_tokens_details=InputTokensDetails(text_tokens=text_tokens, image_tokens=image_tokens),
+            output_tokens=output_tokens,
+            total_tokens=text_tokens + image_tokens + output_tokens,
+        )
 
 
 class ImageData(BaseModel):
@@ -77,9 +132,36 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    usage: Usage
+    output_format: OutputFormat
+    size: str = Field(..., description="HEIGHTxWIDTH of the images made, as the request's size is written.")
 
     def to_wire(self) -> dict[str, Any]:
         # Exactly one of b64_json / url per item: drop the absent one rather than sending null.
+        return self.model_dump(exclude_none=True)
+
+
+class ImageStreamEvent(BaseModel):
+    """One server-sent event of a streamed request (OpenAI's image streaming events, plus `seed`)."""
+
+    type: Literal[
+        "image_generation.partial_image",
+        "image_generation.completed",
+        "image_edit.partial_image",
+        "image_edit.completed",
+    ]
+    created_at: int
+    size: str = Field(..., description="HEIGHTxWIDTH, as the request's size is written.")
+    output_format: OutputFormat
+    seed: int
+    # Which of the request's n images this event is about (extension; always 0 when n is 1).
+    image_index: int = 0
+    b64_json: str | None = Field(None, description="The image; on completed events only with b64_json.")
+    url: str | None = Field(None, description="Completed events of a response_format=url request.")
+    partial_image_index: int | None = Field(None, description="0-based index of a partial image.")
+    usage: Usage | None = Field(None, description="On completed events.")
+
+    def to_wire(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
 
 

@@ -1,24 +1,30 @@
 """HTTP-agnostic orchestration of the image endpoints.
 
-validate fields -> decode the input image -> build a GenerationRequest -> engine -> encode each
+validate fields -> decode the input images and mask -> build a GenerationRequest -> engine -> encode each
 image -> store it when a URL was asked for -> response body plus stage timings.
+
+A streamed request (`stream: true`) takes the same path; the engine hands it previews on the way, which become
+server-sent events (OpenAI's image streaming events), and the result becomes one `completed` event per image.
+Everything that can fail before the work starts (validation, admission, a deadline passed while queued) still
+fails as a plain HTTP error, because the event stream opens only once the first event is ready.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
-from pipelines.base import GenerationRequest
-from server import images
+from pipelines.base import GenerationRequest, PartialImages
+from server import errors, images
 from server.config import Settings
 from server.engine import Engine
 from server.errors import InvalidRequest, ModelNotFound
@@ -30,6 +36,8 @@ from server.protocol import (
     ImageData,
     ImageFields,
     ImagesResponse,
+    ImageStreamEvent,
+    Usage,
     parse_fields,
     parse_size,
 )
@@ -47,6 +55,8 @@ class ClientContext:
     timeout: float | None = None
     # Polled while the request waits; True once the client has gone away.
     disconnected: Callable[[], Awaitable[bool]] | None = None
+    # Quoted in the message of an unexpected failure that reaches a client inside an event stream.
+    request_id: str = "-"
 
 
 @dataclass
@@ -93,18 +103,56 @@ class ImageService:
         self._check_common(fields)
         return fields
 
-    @staticmethod
-    def decode_input(data: bytes | None, text: str | None) -> Image.Image:
-        """The edit's input image from a file part's bytes or a base64 / data-URL string."""
-        if data is None and text is None:
+    def _check_stream(self, fields: ImageFields) -> None:
+        if fields.partial_images and not fields.stream:
+            raise InvalidRequest(
+                "partial_images", "partial_images needs stream: true; partial images are sent as stream events"
+            )
+
+    def json_edit_sources(self, fields: EditsBody) -> tuple[list[ImageSource], ImageSource | None]:
+        """The input images and mask of a JSON edit body: `image` (a string or a list of strings) or OpenAI's
+        `images: [{"image_url": ...}]`, and `mask` (a string or {"image_url": ...})."""
+        if fields.image is not None and fields.images is not None:
+            raise InvalidRequest("images", "send the input images as image or as images, not both")
+        sources: list[ImageSource] = []
+        if isinstance(fields.image, str):
+            sources.append(("image", fields.image))
+        elif fields.image is not None:
+            sources.extend(("image", text) for text in fields.image)
+        elif fields.images is not None:
+            sources.extend(("images", item.image_url) for item in fields.images)
+        mask = fields.mask
+        mask_source = None if mask is None else ("mask", mask if isinstance(mask, str) else mask.image_url)
+        return sources, mask_source
+
+    def decode_edit_inputs(self, sources: list[ImageSource], mask_source: ImageSource | None) -> EditInputs:
+        """Decode every input image (file bytes or base64 text) and the mask; each gets the checks of one image."""
+        if not sources:
             raise InvalidRequest(
                 "image",
-                "image is required: send it as a file part named image, or as base64",
+                "image is required: send it as a file part named image (or image[] for several), or as base64",
                 code="missing_required_parameter",
             )
-        if data is None:
-            data = images.decode_base64_image(text or "", param="image")
-        return images.decode_image(data, param="image")
+        limit = self.settings.max_edit_images
+        if len(sources) > limit:
+            raise InvalidRequest(
+                sources[0][0], f"at most {limit} input images are accepted per edit, got {len(sources)}"
+            )
+        pictures = []
+        for position, (param, payload) in enumerate(sources):
+            data = payload if isinstance(payload, bytes) else images.decode_base64_image(payload, param=param)
+            try:
+                pictures.append(images.decode_image(data, param=param))
+            except InvalidRequest as exc:
+                if len(sources) > 1:
+                    exc.message = f"input image {position + 1} of {len(sources)}: {exc.message}"
+                raise
+        mask = None
+        if mask_source is not None:
+            param, payload = mask_source
+            data = payload if isinstance(payload, bytes) else images.decode_base64_image(payload, param=param)
+            mask = images.decode_mask(data, size=pictures[0].size, param=param)
+        return EditInputs(images=pictures, mask=mask)
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -121,38 +169,62 @@ class ImageService:
                 data.append(ImageData(seed=seed_used, url=f"{base_url}/v1/images/files/{name}"))
         return data
 
-    async def generate(self, fields: GenerationsBody, client: ClientContext) -> ServedImages:
+    def _generation_request(self, fields: GenerationsBody) -> GenerationRequest:
         height, width = parse_size(fields.size)
-        return await self._run(fields, client, kind="generation", height=height, width=width, image=None)
+        return self._request(fields, height=height, width=width)
 
-    async def edit(self, fields: EditsBody, image: Image.Image, client: ClientContext) -> ServedImages:
-        return await self._run(fields, client, kind="edit", height=image.height, width=image.width, image=image)
+    def _edit_request(self, fields: EditsBody, inputs: EditInputs) -> GenerationRequest:
+        first = inputs.images[0]
+        return self._request(
+            fields,
+            height=first.height,
+            width=first.width,
+            image=first,
+            references=tuple(inputs.images[1:]),
+            mask=inputs.mask,
+        )
+
+    def _request(self, fields: ImageFields, **shape: Any) -> GenerationRequest:
+        self._check_stream(fields)
+        return GenerationRequest(
+            prompt=fields.prompt,
+            negative_prompt=fields.negative_prompt,
+            seed=fields.seed if fields.seed is not None else secrets.randbelow(MAX_SEED + 1),
+            steps=fields.steps,
+            cfg_scale=fields.cfg_scale,
+            text_mode=fields.text_mode,
+            n=fields.n,
+            partial_images=fields.partial_images if fields.stream else 0,
+            **shape,
+        )
+
+    async def generate(self, fields: GenerationsBody, client: ClientContext) -> ServedImages:
+        return await self._run(fields, self._generation_request(fields), client, kind="generation")
+
+    async def edit(self, fields: EditsBody, inputs: EditInputs, client: ClientContext) -> ServedImages:
+        return await self._run(fields, self._edit_request(fields, inputs), client, kind="edit")
+
+    async def stream_generation(self, fields: GenerationsBody, client: ClientContext) -> EventStream:
+        request = self._generation_request(fields)
+        return await self._open_stream(fields, request, client, kind="generation")
+
+    async def stream_edit(self, fields: EditsBody, inputs: EditInputs, client: ClientContext) -> EventStream:
+        return await self._open_stream(fields, self._edit_request(fields, inputs), client, kind="edit")
 
     async def _run(
         self,
         fields: ImageFields,
+        request: GenerationRequest,
         client: ClientContext,
         *,
         kind: str,
-        height: int,
-        width: int,
-        image: Image.Image | None,
+        on_partial: Callable[[PartialImages], None] | None = None,
     ) -> ServedImages:
         started = time.perf_counter()
-        seed = fields.seed if fields.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        request = GenerationRequest(
-            prompt=fields.prompt,
-            negative_prompt=fields.negative_prompt,
-            seed=seed,
-            steps=fields.steps,
-            cfg_scale=fields.cfg_scale,
-            height=height,
-            width=width,
-            text_mode=fields.text_mode,
-            image=image,
-            n=fields.n,
-        )
-        outcome = await self.engine.submit(request, timeout=client.timeout, disconnected=client.disconnected)
+        submit_options: dict[str, Any] = {"timeout": client.timeout, "disconnected": client.disconnected}
+        if on_partial is not None:
+            submit_options["on_partial"] = on_partial
+        outcome = await self.engine.submit(request, **submit_options)
         result = outcome.result
 
         encode_started = time.perf_counter()
@@ -164,8 +236,170 @@ class ImageService:
 
         self.metrics.images.labels(kind).inc(len(data))
         self.metrics.observe_stages(timings)
-        body = ImagesResponse(created=int(time.time()), data=data).to_wire()
+        counted = result.details.get("usage", {})
+        usage = Usage.of(
+            text_tokens=counted.get("text_tokens", 0),
+            image_tokens=counted.get("image_tokens", 0),
+            output_tokens=counted.get("output_tokens", 0),
+        )
+        body = ImagesResponse(
+            created=int(time.time()),
+            data=data,
+            usage=usage,
+            output_format=fields.output_format,
+            size=_size_of(result.images[0]),
+        ).to_wire()
         return ServedImages(body=body, timings_ms=timings)
+
+    async def _open_stream(
+        self, fields: ImageFields, request: GenerationRequest, client: ClientContext, *, kind: str
+    ) -> EventStream:
+        """Start the request and wait for its first event; what fails before that raises here, as for any request."""
+        events: asyncio.Queue[PartialImages] = asyncio.Queue()
+        running = asyncio.create_task(self._run(fields, request, client, kind=kind, on_partial=events.put_nowait))
+        first_preview = asyncio.create_task(events.get())
+        try:
+            await asyncio.wait({running, first_preview}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            running.cancel()
+            first_preview.cancel()
+            raise
+        first = None
+        if first_preview.done():
+            first = first_preview.result()
+        else:
+            first_preview.cancel()
+            # Finished (or failed) before any preview: a failure here is an ordinary HTTP error response.
+            running.result()
+        return EventStream(fields, kind, request.seeds, running, events, first, self.metrics, client.request_id)
+
+
+EventName = str
+# One input image as the client sent it: (the field it came in, file bytes or base64/data-URL text).
+ImageSource = tuple[str, "bytes | str"]
+
+
+@dataclass(frozen=True)
+class EditInputs:
+    """An edit's decoded inputs: the edited image first, then further references; the mask is mode "L"."""
+
+    images: list[Image.Image]
+    mask: Image.Image | None = None
+
+
+class EventStream:
+    """A started request's server-sent events: its previews as they come, then one completed event per image.
+
+    Iterating yields encoded SSE frames. Closing the iteration early (the client went away) cancels the request,
+    which the engine stops at its next step. A failure after the stream opened is sent as an `error` event in the
+    API's error envelope, which the openai SDKs raise.
+    """
+
+    def __init__(
+        self,
+        fields: ImageFields,
+        kind: str,
+        seeds: list[int],
+        running: asyncio.Task[ServedImages],
+        previews: asyncio.Queue[PartialImages],
+        first: PartialImages | None,
+        metrics: Metrics,
+        request_id: str = "-",
+    ) -> None:
+        self.fields = fields
+        self.prefix = "image_generation" if kind == "generation" else "image_edit"
+        # Previews come before the result that reports the seeds; they follow from the request.
+        self.seeds = seeds
+        self.running = running
+        self.previews = previews
+        self.first = first
+        self.metrics = metrics
+        self.request_id = request_id
+        self.timings_ms: dict[str, float] = {}
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._frames()
+
+    async def _frames(self) -> AsyncIterator[bytes]:
+        try:
+            if self.first is not None:
+                for frame in await asyncio.to_thread(self._preview_frames, self.first):
+                    yield frame
+            while True:
+                next_preview = asyncio.create_task(self.previews.get())
+                await asyncio.wait({self.running, next_preview}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_preview.done():
+                    next_preview.cancel()
+                    break
+                for frame in await asyncio.to_thread(self._preview_frames, next_preview.result()):
+                    yield frame
+            # Previews handed over just before the result are still worth sending, in order.
+            while not self.previews.empty():
+                for frame in await asyncio.to_thread(self._preview_frames, self.previews.get_nowait()):
+                    yield frame
+            served = self.running.result()
+            self.timings_ms = served.timings_ms
+            for frame in self._completed_frames(served):
+                yield frame
+        except errors.ApiError as exc:
+            yield _frame("error", errors.to_response(exc).body)
+        except Exception:
+            logger.exception("request_id=%s streamed request failed", self.request_id)
+            yield _frame("error", errors.to_response(errors.internal_error(self.request_id)).body)
+        finally:
+            if not self.running.done():
+                # The stream was closed before the result: the client went away. The engine stops the job at its
+                # next step.
+                self.running.cancel()
+                self.metrics.cancellations.inc()
+            elif not self.running.cancelled():
+                # Collected here so that a failure nobody could be told about is not reported as never retrieved.
+                self.running.exception()
+
+    def _preview_frames(self, partial: PartialImages) -> list[bytes]:
+        fields = self.fields
+        frames = []
+        for image_index, picture in enumerate(partial.images):
+            payload = images.encode_image(picture, fields.output_format, fields.output_compression)
+            event = ImageStreamEvent(
+                type=f"{self.prefix}.partial_image",  # type: ignore[arg-type]
+                created_at=int(time.time()),
+                size=_size_of(picture),
+                output_format=fields.output_format,
+                seed=self.seeds[image_index],
+                image_index=image_index,
+                b64_json=base64.b64encode(payload).decode("ascii"),
+                partial_image_index=partial.index,
+            )
+            frames.append(_frame(event.type, event.to_wire()))
+        return frames
+
+    def _completed_frames(self, served: ServedImages) -> list[bytes]:
+        body = served.body
+        frames = []
+        for image_index, item in enumerate(body["data"]):
+            event = ImageStreamEvent(
+                type=f"{self.prefix}.completed",  # type: ignore[arg-type]
+                created_at=body["created"],
+                size=body["size"],
+                output_format=body["output_format"],
+                seed=item["seed"],
+                image_index=image_index,
+                b64_json=item.get("b64_json"),
+                url=item.get("url"),
+                usage=Usage.model_validate(body["usage"]),
+            )
+            frames.append(_frame(event.type, event.to_wire()))
+        return frames
+
+
+def _frame(event: EventName, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _size_of(picture: Image.Image) -> str:
+    """HEIGHTxWIDTH, the way the API's size field is written."""
+    return f"{picture.height}x{picture.width}"
 
 
 def server_timing(timings_ms: dict[str, float]) -> str:

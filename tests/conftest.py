@@ -72,3 +72,17 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition never became true"
         time.sleep(0.01)
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    """Server-sent events as (event name, JSON data), in order; every frame must be a named event with JSON data."""
+    import json
+
+    events = []
+    for frame in text.replace("\r\n", "\n").split("\n\n"):
+        if not frame.strip():
+            continue
+        fields = dict(line.split(": ", 1) for line in frame.split("\n") if line and not line.startswith(":"))
+        assert set(fields) == {"event", "data"}, frame
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events

@@ -1,29 +1,36 @@
-"""POST /v1/images/generations, POST /v1/images/edits, GET /v1/images/files/{name}."""
+"""POST /v1/images/generations, POST /v1/images/edits, GET /v1/images/files/{name}.
+
+The routes read the body (JSON, multipart or url-encoded), hand the fields and input images to serving, and pick the
+response type: one JSON body, or server-sent events for `stream: true`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from server import images
 from server.auth import require_api_key
 from server.errors import InvalidRequest, NotFound, UnsupportedMediaType
-from server.serving import ClientContext, ServedImages, server_timing
+from server.serving import ClientContext, EventStream, ImageSource, ServedImages, server_timing
 
 router = APIRouter()
 keyed = [Depends(require_api_key)]
 
 IMAGE_PART_NAMES = ("image", "image[]")
-# A url-encoded form can carry the image as base64 just like a multipart text part can.
+MASK_PART_NAME = "mask"
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-# OpenAI's edits endpoint takes a mask; this model edits from the prompt alone, and silently
-# dropping a mask would return an image the caller did not ask for.
-UNSUPPORTED_FIELDS = {"mask": "mask is not supported: describe the region to change in the prompt"}
+# Parts a form may carry: every image, the mask, and the request's fields (with room for clients' extra fields).
+MAX_FORM_FILES = 16
+MAX_FORM_FIELDS = 100
 
 
 def _media_type(request: Request) -> str:
@@ -49,6 +56,7 @@ def _client(request: Request) -> ClientContext:
         base_url=(public or str(request.base_url)).rstrip("/"),
         timeout=timeout,
         disconnected=request.is_disconnected,
+        request_id=request.scope.get("state", {}).get("request_id", "-"),
     )
 
 
@@ -62,73 +70,149 @@ async def _json_object(request: Request) -> dict[str, Any]:
     return body
 
 
-def _check_unsupported(fields: dict[str, Any]) -> None:
-    for name, message in UNSUPPORTED_FIELDS.items():
-        if fields.get(name) not in (None, ""):
-            raise InvalidRequest(name, message, code="unsupported_parameter")
+class _StrictMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, stricter in two ways a client deserves to hear about: a text part that is not
+    valid in the body's charset (UTF-8 unless the content type says otherwise) is refused instead of being read as
+    Latin-1, and a body that ends before its closing boundary is refused instead of being taken as complete."""
+
+    complete = False
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode(self._charset or "utf-8")
+            except UnicodeDecodeError:
+                name = part.field_name
+                raise InvalidRequest(
+                    name or None, f"{name or 'a form field'} is not valid {self._charset or 'utf-8'} text"
+                ) from None
+        super().on_part_end()
+
+    def on_end(self) -> None:
+        self.complete = True
+        super().on_end()
 
 
-async def _edit_parts(request: Request) -> tuple[dict[str, Any], bytes | None, str | None]:
-    """Fields, plus the input image as file bytes or as base64 text, from a multipart or JSON body."""
+async def _read_form(request: Request) -> FormData:
+    max_bytes = request.app.state.stepimage.settings.max_body_bytes
+    if _media_type(request) == "application/x-www-form-urlencoded":
+        return _url_encoded_form(await request.body())
+    try:
+        async with aclosing(request.stream()) as stream:
+            parser = _StrictMultiPartParser(
+                request.headers, stream, max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS, max_part_size=max_bytes
+            )
+            form = await parser.parse()
+    except MultiPartException as exc:
+        raise InvalidRequest(None, f"The multipart body is malformed: {exc.message}", code="invalid_multipart") from None
+    if not parser.complete:
+        await form.close()
+        raise InvalidRequest(
+            None, "The multipart body ended before its closing boundary; it was cut short.", code="invalid_multipart"
+        )
+    return form
+
+
+def _url_encoded_form(body: bytes) -> FormData:
+    try:
+        pairs = urllib.parse.parse_qsl(
+            body.decode("ascii"),
+            keep_blank_values=True,
+            strict_parsing=False,
+            encoding="utf-8",
+            errors="strict",
+            max_num_fields=MAX_FORM_FIELDS,
+        )
+    except UnicodeDecodeError:
+        raise InvalidRequest(None, "The form body is not valid url-encoded UTF-8 text.", code="invalid_value") from None
+    except ValueError:
+        raise InvalidRequest(None, f"The form has more than {MAX_FORM_FIELDS} fields.", code="invalid_value") from None
+    return FormData(pairs)
+
+
+async def _edit_parts(request: Request) -> tuple[dict[str, Any], list[ImageSource] | None, ImageSource | None]:
+    """Fields, plus the input images and mask of a form body in the order sent (None for a JSON body, whose images
+    are fields that serving reads after validation)."""
     media_type = _media_type(request)
     if media_type == "application/json":
-        body = await _json_object(request)
-        text = body.pop("image", None)
-        if text is not None and not isinstance(text, str):
-            raise InvalidRequest("image", "image must be a base64 string or a data URL in a JSON body")
-        return body, None, text
+        return await _json_object(request), None, None
     if media_type not in FORM_TYPES:
         raise UnsupportedMediaType(
             f"Content type {media_type or '(none)'} is not accepted here: send multipart/form-data or application/json."
         )
-    max_bytes = request.app.state.stepimage.settings.max_body_bytes
-    form = await request.form(max_files=8, max_fields=100, max_part_size=max_bytes)
-    fields: dict[str, Any] = {}
-    parts: list[UploadFile | str] = []
-    for key, value in form.multi_items():
-        if key in IMAGE_PART_NAMES:
-            parts.append(value)
-        elif isinstance(value, UploadFile):
-            if key in UNSUPPORTED_FIELDS:
-                fields[key] = value.filename or "file"
-                continue
-            raise InvalidRequest(key, f"{key} must be a text field, not a file")
-        else:
-            fields[key] = value
-    if len(parts) > 1:
-        raise InvalidRequest("image", f"exactly one image is accepted, got {len(parts)}")
-    if not parts:
-        return fields, None, None
-    part = parts[0]
-    if isinstance(part, UploadFile):
-        return fields, await part.read(), None
-    return fields, None, part
+    form = await _read_form(request)
+    try:
+        fields: dict[str, Any] = {}
+        sources: list[ImageSource] = []
+        mask: ImageSource | None = None
+        stray_files: list[str] = []
+        for key, value in form.multi_items():
+            payload = await value.read() if isinstance(value, UploadFile) else value
+            if key in IMAGE_PART_NAMES:
+                sources.append(("image", payload))
+            elif key == MASK_PART_NAME:
+                if mask is not None:
+                    raise InvalidRequest("mask", "send at most one mask")
+                mask = ("mask", payload)
+            elif isinstance(value, UploadFile):
+                stray_files.append(key)
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    if stray_files:
+        shown = ", ".join(repr(name[:40]) for name in stray_files[:3])
+        if not sources:
+            raise InvalidRequest(
+                "image",
+                f"image is required: send the picture as a file part named image (or image[] for several); "
+                f"got a file part named {shown} instead",
+                code="missing_required_parameter",
+            )
+        raise InvalidRequest(
+            stray_files[0][:40],
+            f"unexpected file part {shown}: files go in image, image[] or mask; other fields are text",
+        )
+    return fields, sources, mask
 
 
 def _image_response(served: ServedImages) -> JSONResponse:
     return JSONResponse(served.body, headers={"server-timing": server_timing(served.timings_ms)})
 
 
+def _event_response(events: EventStream) -> StreamingResponse:
+    # Proxies must pass each event on as it comes instead of buffering the response.
+    headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+
 @router.post("/v1/images/generations", dependencies=keyed)
-async def generations(request: Request) -> JSONResponse:
+async def generations(request: Request) -> Response:
     if _media_type(request) != "application/json":
         raise UnsupportedMediaType("Send the request body as application/json.")
     service = request.app.state.stepimage.service
     fields = service.parse_generation(await _json_object(request))
+    if fields.stream:
+        return _event_response(await service.stream_generation(fields, _client(request)))
     return _image_response(await service.generate(fields, _client(request)))
 
 
 @router.post("/v1/images/edits", dependencies=keyed)
-async def edits(request: Request) -> JSONResponse:
+async def edits(request: Request) -> Response:
     service = request.app.state.stepimage.service
-    raw, image_bytes, image_text = await _edit_parts(request)
-    _check_unsupported(raw)
+    raw, sources, mask = await _edit_parts(request)
+    if sources is not None and "images" in raw:
+        # A form's images (files or base64 text) arrive as parts named image; `images` is the JSON body's shape.
+        raise InvalidRequest("images", "in a form, send input images as parts named image or image[]")
     fields = service.parse_edit(raw)
-    if fields.image is not None and image_text is None and image_bytes is None:
-        image_text = fields.image
-    # Decoding a 4096x4096 upload takes a noticeable fraction of a second: keep it off the event loop.
-    image = await asyncio.to_thread(service.decode_input, image_bytes, image_text)
-    return _image_response(await service.edit(fields, image, _client(request)))
+    if sources is None:
+        sources, mask = service.json_edit_sources(fields)
+    # Decoding several 4096x4096 uploads takes a noticeable fraction of a second: keep it off the event loop.
+    inputs = await asyncio.to_thread(service.decode_edit_inputs, sources, mask)
+    if fields.stream:
+        return _event_response(await service.stream_edit(fields, inputs, _client(request)))
+    return _image_response(await service.edit(fields, inputs, _client(request)))
 
 
 @router.get("/v1/images/files/{name}")

@@ -28,9 +28,17 @@ def only_image(response) -> Image.Image:
 def test_response_shape_and_headers(client):
     response = generate(client, seed=7)
     body = response.json()
-    assert set(body) == {"created", "data"}
+    assert set(body) == {"created", "data", "usage", "output_format", "size"}
     assert isinstance(body["created"], int)
     assert body["data"] == [{"seed": 7, "finish_reason": "success", "b64_json": body["data"][0]["b64_json"]}]
+    assert (body["output_format"], body["size"]) == ("png", SMALL)
+    usage = body["usage"]
+    # A 64x64 image is 4x4 latent tokens; a text-to-image request reads no input image.
+    assert usage["output_tokens"] == 16
+    assert usage["input_tokens_details"]["image_tokens"] == 0
+    assert usage["input_tokens_details"]["text_tokens"] > 0
+    assert usage["input_tokens"] == usage["input_tokens_details"]["text_tokens"]
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     assert only_image(response).size == (64, 64)
     assert response.headers["x-request-id"]
     timing = response.headers["server-timing"]

@@ -283,17 +283,22 @@ def test_sdk_edit_from_open_file(client, tmp_path):
 
 def test_sdk_edit_image_list(client):
     source = ("in.png", make_image(80, 64), "image/png")
-    # A list makes the SDK send the part as image[]; one image in it is fine.
+    reference = ("ref.png", make_image(64, 96), "image/png")
+    # A list makes the SDK send the parts as image[]: one image, or the edited image and references.
     one = client.images.edit(
         model=MODEL, image=[source], prompt="x", response_format="b64_json", extra_body={"seed": 3, **FAST}
     )
     assert decode_b64(one.data[0].b64_json).size == (80, 64)
-    with pytest.raises(openai.BadRequestError) as raised:
-        client.images.edit(
-            model=MODEL, image=[source, source], prompt="x", response_format="b64_json", extra_body={"seed": 3, **FAST}
-        )
-    assert raised.value.status_code == 400
-    assert raised.value.param == "image"
+    two = client.images.edit(
+        model=MODEL,
+        image=[source, reference],
+        prompt="put image 2 on the wall of image 1",
+        response_format="b64_json",
+        extra_body={"seed": 3, **FAST},
+    )
+    # The result has the first image's size; the reference's latents were read too.
+    assert decode_b64(two.data[0].b64_json).size == (80, 64)
+    assert two.usage.input_tokens_details.image_tokens > one.usage.input_tokens_details.image_tokens
 
 
 def test_sdk_errors_are_typed(client, base_url):
@@ -367,7 +372,7 @@ def test_curl_shaped_multipart_edit(base_url):
     assert response.headers.get("x-request-id")
     assert "denoise" in response.headers.get("server-timing", "")
     body = response.json()
-    assert set(body) == {"created", "data"}
+    assert set(body) == {"created", "data", "usage", "output_format", "size"}
     (item,) = body["data"]
     assert set(item) == {"seed", "finish_reason", "b64_json"}
     assert item["seed"] == 1 and item["finish_reason"] == "success"
