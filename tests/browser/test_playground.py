@@ -67,6 +67,11 @@ def test_generate_shows_the_api_result_seeds_and_timings(page, open_server):
     assert first.locator(".timing-list dt").all_inner_texts() == STAGES
     shown = first.locator(".timing-list dd").all_inner_texts()
     assert shown == [f"{header[stage]:.1f} ms" for stage in STAGES]
+    usage = answer.json()["usage"]
+    text, image = usage["input_tokens_details"]["text_tokens"], usage["input_tokens_details"]["image_tokens"]
+    assert first.locator(".usage").inner_text() == (
+        f"Tokens: input {usage['input_tokens']} (text {text}, image {image}), output {usage['output_tokens']}."
+    )
 
     # The seed is copyable, and "Reuse" puts the last seed back in the form.
     page.get_by_role("button", name="Copy seed").first.click()

@@ -165,8 +165,6 @@ export async function runImageRequest(spec, { key, signal, onPartial = () => {} 
     } else if (kind.endsWith(".completed")) {
       images[index] = { b64: data.b64_json, seed: data.seed, index, format: data.output_format || format };
       if (data.usage) usage = data.usage;
-      // Stage timings cannot travel in a header sent before the work is done; take them from the event.
-      if (data.timings) Object.assign(timings, data.timings);
     }
   }
   if (!images.length) throw new ApiError(0, { message: "the stream ended before any image arrived" }, { requestId });

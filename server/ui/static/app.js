@@ -504,7 +504,10 @@ function timingView(entry) {
     if (entry.firstPreviewMs !== undefined) measured.unshift(`first preview after ${(entry.firstPreviewMs / 1000).toFixed(2)} s`);
     return element("div", { class: "timing" }, [
       element("p", { class: "timing-title", text: "Time measured by the page" }),
-      element("p", { class: "hint", text: `${measured.join(", ")} (a streamed response carries no server-timing header).` }),
+      element("p", {
+        class: "hint",
+        text: `${measured.join(", ")}. A streamed response carries no server-timing header; turn live previews off to see the server's stages.`,
+      }),
     ]);
   }
   const bar = element("div", { class: "timing-bar", "aria-hidden": "true" });
@@ -522,6 +525,16 @@ function timingView(entry) {
     bar,
     list,
   ]);
+}
+
+// What the model processed, as the response's usage reports it (tokens: 16x16-pixel patches for images).
+function usageView(usage) {
+  if (!usage) return null;
+  const details = usage.input_tokens_details || {};
+  const input = details.text_tokens === undefined
+    ? `${usage.input_tokens}`
+    : `${usage.input_tokens} (text ${details.text_tokens}, image ${details.image_tokens})`;
+  return element("p", { class: "hint usage", text: `Tokens: input ${input}, output ${usage.output_tokens}.` });
 }
 
 function resultAlt(entry, result, index) {
@@ -550,6 +563,7 @@ function renderResults(entry) {
           button("Use seed", () => ($("seed").value = seed)),
         ]),
         timingView(entry),
+        usageView(entry.usage),
         element("p", { class: "result-actions" }, [
           button("Edit this result", () => editResult(entry, result), "primary"),
           element("a", { href: result.url, download: name, class: "button secondary", text: "Download" }),
