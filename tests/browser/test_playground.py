@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -73,6 +74,12 @@ def test_generate_shows_the_api_result_seeds_and_timings(page, open_server):
         f"Tokens: input {usage['input_tokens']} (text {text}, image {image}), output {usage['output_tokens']}."
     )
 
+    # Each result downloads as the file the API sent.
+    with page.expect_download() as download:
+        first.get_by_role("link", name="Download").click()
+    assert download.value.suggested_filename == "result-7.png"
+    assert Path(download.value.path()).read_bytes() == response_images(answer)[0]
+
     # The seed is copyable, and "Reuse" puts the last seed back in the form.
     page.get_by_role("button", name="Copy seed").first.click()
     assert page.evaluate("navigator.clipboard.readText()") == "7"
@@ -90,6 +97,18 @@ def test_a_random_seed_is_reported_and_reusable(page):
     assert page.locator("#results .seed-value").inner_text() == str(seed)
     page.get_by_role("button", name="Use seed").click()
     assert page.get_by_label("Seed").input_value() == str(seed)
+
+    # "Use these settings" puts a history entry's request back in the form, as it was sent.
+    fill(page, "something else", seed=99, steps=5)
+    page.get_by_label("Text mode").check()
+    send(page)
+    older = page.locator("#history > li").nth(1)
+    assert older.locator(".history-prompt").inner_text() == "a lighthouse"
+    older.get_by_role("button", name="Use these settings").click()
+    assert page.get_by_label("Prompt", exact=True).input_value() == "a lighthouse"
+    assert page.get_by_label("Seed").input_value() == ""
+    assert page.get_by_label("Steps").input_value() == "2"
+    assert not page.get_by_label("Text mode").is_checked()
 
 
 def test_upload_and_edit_keeps_the_input_size(page, open_server):
@@ -236,6 +255,7 @@ def test_partial_images_arrive_before_the_result(page, open_server):
     }"""
     )
     fill(page, "a storm at sea", seed=21, steps=6, previews=2)
+    assert page.get_by_label("Live previews").input_value() == "2"
     answer = send(page)
     sent = answer.request.post_data_json
     assert sent["stream"] is True and sent["partial_images"] == 2
@@ -247,6 +267,23 @@ def test_partial_images_arrive_before_the_result(page, open_server):
     assert shown[-1] == "Result 1 of 1, seed 21: a storm at sea"
     # Streamed: no server-timing header, so the page says what it measured itself.
     assert "first preview after" in page.locator("#results .timing").inner_text()
+
+    # Several images: previews and results for each, in order.
+    page.evaluate("window.shown = []")
+    page.get_by_label("Images (n)").fill("2")
+    page.get_by_label("Live previews").select_option("1")
+    answer = send(page, count=2)
+    events = sse_events(answer.text())
+    assert [(event["type"].split(".")[1], event["image_index"]) for event in events] == [
+        ("partial_image", 0),
+        ("partial_image", 1),
+        ("completed", 0),
+        ("completed", 1),
+    ]
+    shown = page.evaluate("window.shown")
+    assert "Preview 1 of image 1, still being made" in shown and "Preview 1 of image 2, still being made" in shown
+    assert page.locator("#results .seed-value").all_inner_texts() == ["21", "22"]
+    assert result_sizes(page) == [[128, 128], [128, 128]]
 
 
 def test_a_bad_field_is_explained_in_words(page, page_problems):

@@ -63,6 +63,8 @@ def test_generation_as_python_and_curl(page, tmp_path, curl):
     page.get_by_label("Quality (0-100)").fill("80")
     page.get_by_label("Text mode").check()
     images = response_images(send(page, count=2))
+    # Shown as text, never as markup.
+    assert page.locator("#history .history-prompt").first.inner_text() == TRICKY_PROMPT
 
     python = copied(page, "Python")
     assert "extra_body={" in python and '"seed": 31' in python and "output_compression=80" in python
