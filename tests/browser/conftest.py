@@ -8,6 +8,7 @@ clipboard permission), and fails if the page logged an error or broke its Conten
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def browser_servers(request, tmp_path_factory: pytest.TempPathFactory, chromium_
         common = ["--backend", "tiny", "--host", "127.0.0.1", "--no-warmup", "--extra-size", SMALL]
         server = launch(name, port, [*common, "--port", str(port), "--storage-dir", str(tmp / name), *args], tmp)
         request.addfinalizer(server.stop)
+        _running.append(server)
         return server
 
     # A short queue on the open server lets a test fill it and see the page explain the 429.
@@ -63,6 +65,17 @@ def browser_servers(request, tmp_path_factory: pytest.TempPathFactory, chromium_
         "open": start("open", ports[0], "--max-queue", str(OPEN_MAX_QUEUE)),
         "keyed": start("keyed", ports[1], "--api-key", KEY),
     }
+
+
+_running: list[ServerProcess] = []
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    # The servers exist for the tests in this directory: stop them once the last of those is done instead of
+    # keeping two idle model processes through the rest of the session.
+    if nextitem is None or Path(__file__).parent not in Path(nextitem.path).parents:
+        while _running:
+            _running.pop().stop()
 
 
 @pytest.fixture(scope="session")
@@ -77,10 +90,12 @@ def keyed_server(browser_servers) -> ServerProcess:
     return browser_servers["keyed"]
 
 
-@pytest.fixture(scope="session")
-def browser(chromium_path, tmp_path_factory):
+@pytest.fixture(scope="module")
+def browser(chromium_path):
     from playwright.sync_api import sync_playwright
 
+    # Per module, not per session: Playwright's sync API keeps an event loop running in this thread while it is
+    # open, which would break tests elsewhere that call asyncio.run().
     with sync_playwright() as playwright:
         # launch() gives Chromium a fresh temporary user-data-dir of its own each time.
         chromium = playwright.chromium.launch(executable_path=str(chromium_path), headless=True, args=CHROMIUM_ARGS)
@@ -124,13 +139,19 @@ def _new_page(browser, viewport, problems: PageProblems):
     return context, page
 
 
+def open_playground(page, base_url: str) -> None:
+    """Load the page and wait until it has read the server's description (its form is then complete)."""
+    page.goto(base_url + "/")
+    # Locator waits run in Playwright's own isolated world: a string predicate (wait_for_function) would be eval'd
+    # in the page, which its Content-Security-Policy rightly forbids.
+    page.locator("#model-status", has_text=re.compile(r"^Model ")).wait_for()
+
+
 @pytest.fixture
 def page(browser, open_server, page_problems):
     """A desktop-sized page on the open server's playground, loaded and ready."""
     context, page = _new_page(browser, DESKTOP, page_problems)
-    page.goto(open_server.base_url + "/")
-    page.get_by_role("button", name="Generate").wait_for()
-    page.wait_for_function("document.getElementById('model-status').textContent.startsWith('Model')")
+    open_playground(page, open_server.base_url)
     yield page
     context.close()
     assert not page_problems.unexpected(), page_problems.unexpected()
@@ -144,7 +165,7 @@ def new_page(browser, page_problems):
     def make(base_url: str, viewport=DESKTOP):
         context, page = _new_page(browser, viewport, page_problems)
         contexts.append(context)
-        page.goto(base_url + "/")
+        open_playground(page, base_url)
         return page
 
     yield make

@@ -58,8 +58,6 @@ def edit_in_progress(page, base_url: str) -> None:
 @pytest.mark.parametrize("name, viewport", [("desktop", DESKTOP), ("phone", PHONE)])
 def test_layout_and_screenshots(new_page, open_server, tmp_path, name, viewport):
     page = new_page(open_server.base_url, viewport)
-    page.get_by_role("button", name="Generate").wait_for()
-    page.wait_for_function("document.getElementById('model-status').textContent.startsWith('Model')")
     edit_in_progress(page, open_server.base_url)
 
     assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]

@@ -441,8 +441,6 @@ def test_every_control_is_labelled_and_reachable_by_keyboard(page):
 
 def test_fits_a_phone(new_page, open_server):
     page = new_page(open_server.base_url, PHONE)
-    page.get_by_role("button", name="Generate").wait_for()
-    page.wait_for_function("document.getElementById('model-status').textContent.startsWith('Model')")
     fill(page, "a small screen", seed=5)
     send(page)
     page.get_by_role("button", name="Edit this result").click()

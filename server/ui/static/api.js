@@ -132,7 +132,7 @@ async function* serverSentEvents(response) {
 
 // One image request. Streams when spec.fields.stream is set and the server answers with events;
 // `onPartial({index, partialIndex, b64, seed, format})` sees each preview as it arrives. Resolves to
-// {images: [{b64, seed, index, format}], timings, usage, requestId, streamed}; rejects with ApiError.
+// {images: [{b64, seed, index, format}], timings, usage, requestId}; rejects with ApiError.
 export async function runImageRequest(spec, { key, signal, onPartial = () => {} }) {
   const { body, headers } = requestBody(spec);
   const response = await fetch(ENDPOINTS[spec.mode], {
@@ -149,7 +149,7 @@ export async function runImageRequest(spec, { key, signal, onPartial = () => {} 
   if (!type.startsWith("text/event-stream")) {
     const payload = await response.json();
     const images = payload.data.map((item, index) => ({ b64: item.b64_json, seed: item.seed, index, format }));
-    return { images, timings, usage: payload.usage || null, requestId, streamed: false };
+    return { images, timings, usage: payload.usage || null, requestId };
   }
   const images = [];
   let usage = null;
@@ -168,7 +168,7 @@ export async function runImageRequest(spec, { key, signal, onPartial = () => {} 
     }
   }
   if (!images.length) throw new ApiError(0, { message: "the stream ended before any image arrived" }, { requestId });
-  return { images: images.filter(Boolean), timings, usage, requestId, streamed: true };
+  return { images: images.filter(Boolean), timings, usage, requestId };
 }
 
 export async function fetchJson(path, key) {

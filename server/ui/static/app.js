@@ -113,8 +113,6 @@ function applyConfig(config) {
   $("size").value = config.default_size;
   $("output-format").replaceChildren(...fields.output_format.enum.map((format) => option(format)));
   $("output-format").value = fields.output_format.default;
-  $("prompt").maxLength = fields.prompt.maxLength;
-  $("negative-prompt").maxLength = fields.negative_prompt.maxLength;
   $("seed").max = fields.seed.maximum;
   for (const [id, name] of [["steps", "steps"], ["cfg-scale", "cfg_scale"]]) {
     $(id).min = fields[name].minimum;
@@ -157,7 +155,7 @@ async function checkKey() {
       forgetKey();
       askForKey(describeError(error));
     } else {
-      $("key-message").textContent = describeError(error);
+      setStatus(describeError(error));
     }
     return false;
   }
@@ -203,7 +201,8 @@ function updateMode() {
   $("inputs").hidden = !editing;
   $("size-field").hidden = editing;
   $("edit-size-note").hidden = !editing;
-  $("mask-editor").hidden = !editing || !state.inputs.length || !state.config?.features.mask;
+  // The mask is painted at the first image's size, so it needs a picture this browser can show.
+  $("mask-editor").hidden = !editing || !state.inputs[0]?.width || !state.config?.features.mask;
 }
 
 for (const radio of form.elements.mode) radio.addEventListener("change", updateMode);
@@ -219,8 +218,12 @@ function imageSize(url) {
 
 async function addInputs(blobs, { replace = false } = {}) {
   const added = [];
+  const skipped = [];
   for (const blob of blobs) {
-    if (!blob.type.startsWith("image/")) continue;
+    if (!blob.type.startsWith("image/")) {
+      skipped.push(blob.name || "a file");
+      continue;
+    }
     const url = URL.createObjectURL(blob);
     let size = { width: 0, height: 0 };
     try {
@@ -231,6 +234,7 @@ async function addInputs(blobs, { replace = false } = {}) {
     const fallback = `image-${state.inputs.length + added.length + 1}.${EXTENSIONS[blob.type.slice(6)] || "png"}`;
     added.push({ blob, url, name: safeName(blob.name, fallback), ...size });
   }
+  if (skipped.length) setStatus(`Not an image, so not added: ${skipped.join(", ")}.`);
   if (!added.length) return;
   const firstChanged = replace || !state.inputs.length;
   if (replace) releaseInputs();
@@ -297,13 +301,20 @@ $("brush-size").addEventListener("input", (event) => (painter.brush = Number(eve
 $("brush-erase").addEventListener("change", (event) => (painter.erase = event.target.checked));
 $("mask-clear").addEventListener("click", () => painter.clear());
 
+// Files may be dropped anywhere on the page (a drop the page ignored would make the browser open the file
+// in place of the page, and the session with it); they become input images, in edit mode.
 const dropZone = $("inputs");
-dropZone.addEventListener("dragover", (event) => {
+const carriesFiles = (event) => [...(event.dataTransfer?.types || [])].includes("Files");
+document.addEventListener("dragover", (event) => {
+  if (!carriesFiles(event)) return;
   event.preventDefault();
   dropZone.classList.add("dragging");
 });
-dropZone.addEventListener("dragleave", () => dropZone.classList.remove("dragging"));
-dropZone.addEventListener("drop", (event) => {
+document.addEventListener("dragleave", (event) => {
+  if (event.target === document.documentElement || event.target === dropZone) dropZone.classList.remove("dragging");
+});
+document.addEventListener("drop", (event) => {
+  if (!carriesFiles(event)) return;
   event.preventDefault();
   dropZone.classList.remove("dragging");
   addInputs([...event.dataTransfer.files]);
@@ -448,8 +459,7 @@ async function send() {
     }
     entry.timings = outcome.timings;
     entry.usage = outcome.usage;
-    entry.streamed = outcome.streamed;
-    entry.previews = previews.size ? Math.max(...[...previews.values()].map((p) => p.count)) : 0;
+    entry.requestId = outcome.requestId;
     rememberSeed(entry.results[0].seed);
     renderResults(entry);
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
@@ -461,12 +471,14 @@ async function send() {
       $("results").replaceChildren();
     } else {
       entry.error = describeError(error);
+      entry.requestId = error.requestId;
       setStatus("The request failed.");
       $("results").replaceChildren();
       showError(error);
     }
   } finally {
     clearInterval(timer);
+    for (const preview of previews.values()) URL.revokeObjectURL(preview.url);
     state.running = null;
     $("submit").disabled = false;
     $("cancel").hidden = true;
@@ -479,13 +491,12 @@ function showPartial(previews, partial, total) {
   if (!preview) {
     const img = element("img", { class: "preview" });
     const caption = element("figcaption");
-    preview = { img, caption, count: 0, url: null };
+    preview = { img, caption, url: null };
     previews.set(partial.index, preview);
     $("results").append(element("figure", { class: "result partial" }, [img, caption]));
   }
   if (preview.url) URL.revokeObjectURL(preview.url);
   preview.url = URL.createObjectURL(blobFromBase64(partial.b64, partial.format));
-  preview.count += 1;
   preview.img.src = preview.url;
   const which = total > 1 ? ` of image ${partial.index + 1}` : "";
   preview.img.alt = `Preview ${partial.partialIndex + 1}${which}, still being made`;
@@ -648,6 +659,8 @@ function addHistory(entry) {
     element("h3", { text: title }),
     element("p", { class: "history-prompt", text: fields.prompt }),
     element("p", { class: "hint history-params", text: describeFields(fields) }),
+    // The id the server logged the request under, to find it in the server's log.
+    entry.requestId ? element("p", { class: "hint", text: `Request id ${entry.requestId}` }) : null,
     entry.error ? element("p", { class: "history-error", text: entry.error }) : null,
     entry.results.length
       ? element(
