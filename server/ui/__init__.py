@@ -107,7 +107,6 @@ def page_config(settings: Settings, info: BackendInfo | None, ready: bool) -> di
         "sizes": list(settings.sizes),
         "default_size": DEFAULT_SIZE,
         "max_n": settings.max_n,
-        "max_body_mb": settings.max_body_mb,
         "keys_required": bool(settings.api_keys),
         "ready": ready,
         "model": model,
