@@ -11,11 +11,12 @@ TOOLS = {
     "pipeline": ("benchmarks.pipeline", "per-stage timings of the model backend, no HTTP"),
     "overhead": ("benchmarks.overhead", "what the HTTP server adds on top of the pipeline"),
     "encode": ("benchmarks.encode_bench", "PNG/JPEG/WebP encoding cost"),
+    "extensions": ("benchmarks.extensions", "what partial images and masks add per request"),
 }
 
 
 def add_bench_arguments(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark tool (serving, pipeline, overhead, encode)")
+    parser = subparsers.add_parser("bench", help="run a benchmark tool (serving, pipeline, overhead, encode, extensions)")
     parser.add_argument("tool", choices=sorted(TOOLS), help="; ".join(f"{k}: {v[1]}" for k, v in TOOLS.items()))
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the tool's own options (see --help after the tool)")
     parser.set_defaults(func=lambda args: run(args.tool, args.args))

@@ -221,10 +221,9 @@ class ImageService:
         on_partial: Callable[[PartialImages], None] | None = None,
     ) -> ServedImages:
         started = time.perf_counter()
-        submit_options: dict[str, Any] = {"timeout": client.timeout, "disconnected": client.disconnected}
-        if on_partial is not None:
-            submit_options["on_partial"] = on_partial
-        outcome = await self.engine.submit(request, **submit_options)
+        outcome = await self.engine.submit(
+            request, timeout=client.timeout, disconnected=client.disconnected, on_partial=on_partial
+        )
         result = outcome.result
 
         encode_started = time.perf_counter()
@@ -274,7 +273,6 @@ class ImageService:
         return EventStream(fields, kind, request.seeds, running, events, first, self.metrics, client.request_id)
 
 
-EventName = str
 # One input image as the client sent it: (the field it came in, file bytes or base64/data-URL text).
 ImageSource = tuple[str, "bytes | str"]
 
@@ -315,7 +313,6 @@ class EventStream:
         self.first = first
         self.metrics = metrics
         self.request_id = request_id
-        self.timings_ms: dict[str, float] = {}
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._frames()
@@ -337,9 +334,7 @@ class EventStream:
             while not self.previews.empty():
                 for frame in await asyncio.to_thread(self._preview_frames, self.previews.get_nowait()):
                     yield frame
-            served = self.running.result()
-            self.timings_ms = served.timings_ms
-            for frame in self._completed_frames(served):
+            for frame in self._completed_frames(self.running.result()):
                 yield frame
         except errors.ApiError as exc:
             yield _frame("error", errors.to_response(exc).body)
@@ -393,7 +388,7 @@ class EventStream:
         return frames
 
 
-def _frame(event: EventName, data: dict[str, Any]) -> bytes:
+def _frame(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import openai
 import pytest
 from openai import OpenAI
+from PIL import Image
 
 from pipelines.base import Cancelled, PartialImages
 from tests.api.conftest import SMALL, assert_error
@@ -141,7 +142,8 @@ class PreviewThenStall:
         return self.generate_batch([request], cancel)[0]
 
     def generate_batch(self, requests, cancel=None, progress=None):
-        preview = self.inner.generate(requests[0]).images
+        # The preview goes out at once, long before the request's deadline however slow the machine.
+        preview = [Image.new("RGB", (requests[0].width, requests[0].height), (90, 120, 200))]
         if progress is not None:
             progress(0, PartialImages(index=0, images=preview, step=1, steps=requests[0].steps))
         while not cancel.is_set():
@@ -156,7 +158,7 @@ class PreviewThenStall:
 def test_a_deadline_after_the_first_event_arrives_as_an_error_event(make_client, tiny_backend):
     backend = PreviewThenStall(tiny_backend)
     client = make_client(backend=backend)
-    response = stream_generation(client, headers={"x-request-timeout": "1"}, partial_images=1)
+    response = stream_generation(client, headers={"x-request-timeout": "2"}, partial_images=1)
     events = events_of(response)
     assert [name for name, _ in events] == ["image_generation.partial_image", "error"]
     error = events[-1][1]["error"]
@@ -185,7 +187,7 @@ def test_the_openai_sdk_reads_the_stream_and_raises_the_error_event(make_client,
         size=SMALL,
         stream=True,
         partial_images=1,
-        extra_headers={"x-request-timeout": "1"},
+        extra_headers={"x-request-timeout": "2"},
     )
     with pytest.raises(openai.APIError) as raised:
         for _ in stream:
