@@ -47,9 +47,9 @@ def edit_in_progress(page, base_url: str) -> None:
     page.get_by_text("Edited · landscape.png").wait_for()
     if features(base_url)["mask"]:
         box = page.locator("#mask-canvas").bounding_box()
-        page.mouse.move(box["x"] + box["width"] * 0.15, box["y"] + box["height"] * 0.55)
+        page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.83)
         page.mouse.down()
-        page.mouse.move(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.5, steps=6)
+        page.mouse.move(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.83, steps=6)
         page.mouse.up()
     fill(page, "put a small red boat on the lake", seed=7, steps=4)
     send(page, "Edit")
