@@ -32,7 +32,7 @@ from server.engine import Engine
 from server.metrics import Metrics
 from server.routes import health, images, models, ui
 from server.serving import ImageService
-from server.storage import ResultStore
+from server.storage import ResultStore, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,8 @@ def create_app(
         max_batch_size=settings.max_batch_size,
         batch_wait_ms=settings.batch_wait_ms,
     )
-    store = ResultStore(settings.storage_dir, settings.url_ttl)
+    # Checked here, before any model work: a storage that cannot hold results is a start-up error.
+    store = open_store(settings, metrics)
     state = AppState(
         settings=settings,
         engine=engine,
@@ -254,24 +255,24 @@ def create_app(
             if exit_on_load_failure:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    async def sweep_forever() -> None:
+    async def every(seconds: float, work: Callable[[], object]) -> None:
+        # Storage work may be a request to a bucket: off the event loop. Neither sweep nor check raises.
         while True:
-            await asyncio.sleep(settings.sweep_interval)
-            try:
-                await asyncio.to_thread(store.sweep)
-            except OSError as exc:
-                logger.warning("sweeping stored results failed: %s", exc)
+            await asyncio.to_thread(work)
+            await asyncio.sleep(seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store.sweep()
         loading = asyncio.create_task(load())
-        sweeping = asyncio.create_task(sweep_forever())
+        # The first sweep runs at once, without holding up start-up (a big bucket takes a while to list).
+        sweeping = asyncio.create_task(every(settings.sweep_interval, store.sweep))
+        watching = asyncio.create_task(every(settings.storage_check_interval, store.refresh_health))
         try:
             yield
         finally:
             state.begin_drain()
             sweeping.cancel()
+            watching.cancel()
             if not loading.done():
                 loading.cancel()
             await engine.drain(settings.drain_timeout)

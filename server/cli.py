@@ -75,8 +75,13 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     _configure_logging(settings.log_level)
     from server.app import create_app
+    from server.storage import StorageConfigError
 
-    app = create_app(settings, exit_on_load_failure=True)
+    try:
+        app = create_app(settings, exit_on_load_failure=True)
+    except StorageConfigError as exc:  # checked before any model work; one line, no traceback
+        sys.stderr.write(f"stepimage serve: {exc}\n")
+        return 2
     config = uvicorn.Config(
         app,
         host=settings.host,

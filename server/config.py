@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.protocol import DEFAULT_SIZES
@@ -69,6 +69,27 @@ class Settings(BaseSettings):
     public_url: str | None = Field(None, description="Origin used in result URLs; default: the request's own.")
     storage_dir: Path = Field(default_factory=default_storage_dir, description="Where url results are kept.")
     url_ttl: int = Field(7200, ge=1, description="Seconds a stored result stays downloadable.")
+    storage: Literal["local", "s3"] = Field(
+        "local",
+        description="Where url results go: local (--storage-dir, this process only) or s3 (--s3-bucket, shared by "
+        "every replica; credentials from the usual AWS environment variables, config files or instance role).",
+    )
+    s3_bucket: str | None = Field(None, validate_default=True, description="Bucket for url results (--storage s3).")
+    s3_prefix: str = Field(
+        "stepimage/", description="Key prefix of url results in the bucket; the sweep touches nothing outside it."
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, SeaweedFS, Ceph, ...), e.g. http://minio:9000; default AWS."
+    )
+    s3_region: str | None = Field(None, description="The bucket's region; default: from the AWS configuration.")
+    storage_min_free_mb: float = Field(
+        512.0,
+        ge=0,
+        description="Local storage: with less free space, url requests get 507 and /ready 503 (0: no threshold).",
+    )
+    storage_check_interval: float = Field(
+        10.0, gt=0, description="Seconds between storage health checks (free space, bucket reachable)."
+    )
     max_body_mb: float = Field(64.0, gt=0, description="Largest request body accepted, in MiB.")
     model_name: str = Field("step-image-edit-2", min_length=1, description="The served model name.")
     model_aliases: Annotated[list[str], NoDecode] = Field(
@@ -107,6 +128,28 @@ class Settings(BaseSettings):
             if not match or any(int(side) % 16 or not 64 <= int(side) <= 4096 for side in match.groups()):
                 raise ValueError(f"extra size {size!r} must be HEIGHTxWIDTH with sides multiples of 16 in 64..4096")
         return sizes
+
+    @field_validator("s3_bucket")
+    @classmethod
+    def _bucket_for_s3(cls, bucket: str | None, info: ValidationInfo) -> str | None:
+        bucket = bucket.strip() if bucket else None
+        if info.data.get("storage") == "s3" and not bucket:
+            raise ValueError("a bucket is required with --storage s3")
+        return bucket
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _prefix_is_a_folder(cls, prefix: str) -> str:
+        # "results" and "/results/" both mean the folder results/ in the bucket.
+        prefix = prefix.strip().lstrip("/")
+        return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_is_a_url(cls, url: str | None) -> str | None:
+        if url and not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError(f"must be an http:// or https:// URL, got {url!r}")
+        return url or None
 
     @model_validator(mode="after")
     def _no_empty_keys(self) -> Settings:

@@ -87,6 +87,22 @@ class NotReady(ApiError):
     code = "not_ready"
 
 
+class StorageUnavailable(ApiError):
+    """A url result cannot be stored or read because the result storage is unreachable or refuses access."""
+
+    status = 503
+    type = "server_error"
+    code = "storage_unavailable"
+
+
+class InsufficientStorage(ApiError):
+    """A url result cannot be stored because the result storage is out of space."""
+
+    status = 507
+    type = "server_error"
+    code = "insufficient_storage"
+
+
 class Timeout(ApiError):
     status = 504
     type = "server_error"

@@ -50,6 +50,22 @@ class Metrics:
             registry=self.registry,
         )
         self.ready = Gauge("stepimage_ready", "1 when the model is loaded and warm.", registry=self.registry)
+        self.storage_ok = Gauge(
+            "stepimage_storage_ok",
+            "1 while url results can be stored (free space above the threshold, bucket reachable, last write ok).",
+            registry=self.registry,
+        )
+        self.storage_free_bytes = Gauge(
+            "stepimage_storage_free_bytes",
+            "Free bytes where url results are stored, as of the last check (NaN for a bucket).",
+            registry=self.registry,
+        )
+        self.storage_failures = Counter(
+            "stepimage_storage_failures",
+            "Stored-result operations that failed, by operation (write, read).",
+            ["operation"],
+            registry=self.registry,
+        )
 
     def observe_stages(self, timings_ms: dict[str, float]) -> None:
         for stage, value in timings_ms.items():

@@ -221,6 +221,9 @@ class ImageService:
         on_partial: Callable[[PartialImages], None] | None = None,
     ) -> ServedImages:
         started = time.perf_counter()
+        if fields.response_format == "url":
+            # Refused before the engine: no compute is spent on a result that could not be stored.
+            self.store.require_healthy()
         outcome = await self.engine.submit(
             request, timeout=client.timeout, disconnected=client.disconnected, on_partial=on_partial
         )

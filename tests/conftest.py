@@ -1,4 +1,4 @@
-"""Fixtures shared by every tier: the tiny backend (loaded once) and small in-memory images."""
+"""Fixtures shared by every tier: the tiny backend (loaded once), small in-memory images, a real S3 server."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+
+# A real S3 server (SeaweedFS) for any tier that needs a bucket; see tests/s3server.py.
+from tests.s3server import s3_server  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,9 @@ async def ready(request: Request) -> dict:
     if not state.ready:
         reason = "the model failed to load; see the server log" if state.load_error else "the model is loading"
         raise NotReady(f"Not ready: {reason}.", retry_after=5)
+    storage = state.store.health
+    if not storage.ok:
+        raise NotReady(f"Not ready: {storage.reason}.", retry_after=state.store.retry_after)
     return {"status": "ready"}
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -217,18 +218,16 @@ async def edits(request: Request) -> Response:
 
 @router.get("/v1/images/files/{name}")
 async def stored_file(name: str, request: Request) -> Response:
-    found = request.app.state.stepimage.store.lookup(name)
+    # Reading may be a request to the bucket: off the event loop. Expired is a 404 even before a sweep.
+    found = await asyncio.to_thread(request.app.state.stepimage.store.fetch, name)
     if found is None:
         raise NotFound("No such file: the link is unknown or has expired.")
-    path, seconds_left = found
-    try:
-        content = await asyncio.to_thread(path.read_bytes)
-    except FileNotFoundError:  # swept between the lookup and the read
-        raise NotFound("No such file: the link is unknown or has expired.") from None
     extension = name.rsplit(".", 1)[1]
     fmt = {"jpg": "jpeg"}.get(extension, extension)
-    return Response(
-        content,
+    # Streamed in chunks, so a large result never sits whole in memory; closed even if the client leaves early.
+    return StreamingResponse(
+        found.chunks,
         media_type=images.media_type(fmt),
-        headers={"cache-control": f"private, max-age={int(seconds_left)}"},
+        headers={"cache-control": f"private, max-age={int(found.seconds_left)}", "content-length": str(found.size)},
+        background=BackgroundTask(found.close),
     )

@@ -1,9 +1,6 @@
-"""Pure pieces of the server: field validation messages, settings, keys, stored-file expiry, error mapping."""
+"""Pure pieces of the server: field validation messages, settings, keys, error mapping."""
 
 from __future__ import annotations
-
-import os
-import time
 
 import pytest
 
@@ -13,7 +10,6 @@ from server.cli import build_parser, settings_from_args
 from server.config import Settings
 from server.protocol import EditsBody, GenerationsBody, parse_fields, parse_size
 from server.serving import server_timing
-from server.storage import ResultStore
 
 pytestmark = pytest.mark.unit
 
@@ -104,22 +100,6 @@ def test_keys_compare_all_without_early_exit():
     assert not key_is_valid("a", [])
 
 
-def test_store_names_expiry_and_sweep(tmp_path):
-    store = ResultStore(tmp_path, ttl_seconds=100)
-    names = {store.save(b"png-bytes", "png") for _ in range(50)}
-    assert len(names) == 50
-    name = sorted(names)[0]
-    path, left = store.lookup(name)
-    assert path.read_bytes() == b"png-bytes" and 99 < left <= 100
-    assert store.lookup("../" + name) is None
-    old = time.time() - 101
-    for other in sorted(names)[:10]:
-        os.utime(tmp_path / other, (old, old))
-    assert store.sweep() == 10
-    assert store.lookup(name) is None
-    assert len(list(tmp_path.iterdir())) == 40
-
-
 @pytest.mark.parametrize(
     ("error", "status", "kind", "code"),
     [
@@ -132,6 +112,8 @@ def test_store_names_expiry_and_sweep(tmp_path):
         (errors.Overloaded("m", retry_after=3), 429, "rate_limit_error", "server_overloaded"),
         (errors.NotReady("m", retry_after=5), 503, "server_error", "not_ready"),
         (errors.Timeout("m"), 504, "server_error", "timeout"),
+        (errors.StorageUnavailable("m", retry_after=10), 503, "server_error", "storage_unavailable"),
+        (errors.InsufficientStorage("m", retry_after=10), 507, "server_error", "insufficient_storage"),
         (errors.internal_error("rid"), 500, "server_error", "internal_error"),
     ],
 )
