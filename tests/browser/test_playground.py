@@ -307,6 +307,11 @@ def test_a_bad_field_is_explained_in_words(page, page_problems):
     assert page.locator("#error").is_hidden() and steps.get_attribute("aria-invalid") is None
 
 
+def outstanding(http: httpx.Client) -> float:
+    """Image requests queued or running on the server."""
+    return metric(http, "stepimage_in_flight") + metric(http, "stepimage_queue_depth")
+
+
 def test_cancel_stops_the_work_on_the_server(page, open_server):
     with httpx.Client(base_url=open_server.base_url) as http:
         before = metric(http, "stepimage_cancellations_total")
@@ -317,6 +322,8 @@ def test_cancel_stops_the_work_on_the_server(page, open_server):
         page.get_by_text("Cancelled: the server stops the work").wait_for()
         assert page.locator("#history .history-error").inner_text() == "Cancelled."
         wait_for(lambda: metric(http, "stepimage_cancellations_total") > before, timeout=30)
+        # The job stops at its next step; then the server is idle again.
+        wait_for(lambda: outstanding(http) == 0, timeout=60)
     assert page.get_by_role("button", name="Generate").is_enabled()
 
 
@@ -339,12 +346,13 @@ def occupy(base_url: str, count: int) -> list[socket.socket]:
 def test_a_full_queue_says_when_to_retry(page, open_server, page_problems):
     page_problems.expected_http_errors = True
     with httpx.Client(base_url=open_server.base_url) as http:
+        # Work left by an earlier test (a cancelled job runs until its next step) would free a slot mid-test.
+        wait_for(lambda: outstanding(http) == 0, timeout=60)
+        rejected = metric(http, "stepimage_rejections_total")
         busy = occupy(open_server.base_url, OPEN_MAX_QUEUE)
         try:
-            wait_for(
-                lambda: metric(http, "stepimage_in_flight") + metric(http, "stepimage_queue_depth") == OPEN_MAX_QUEUE,
-                timeout=30,
-            )
+            wait_for(lambda: outstanding(http) == OPEN_MAX_QUEUE, timeout=30)
+            assert metric(http, "stepimage_rejections_total") == rejected  # both were accepted: the queue is full
             fill(page, "one too many")
             with page.expect_response(lambda response: "/v1/images/" in response.url) as answer:
                 page.get_by_role("button", name="Generate").click()
@@ -358,7 +366,7 @@ def test_a_full_queue_says_when_to_retry(page, open_server, page_problems):
         finally:
             for connection in busy:
                 connection.close()
-        wait_for(lambda: metric(http, "stepimage_in_flight") + metric(http, "stepimage_queue_depth") == 0, timeout=60)
+        wait_for(lambda: outstanding(http) == 0, timeout=60)
 
 
 def test_the_key_prompt_on_a_keyed_server(new_page, keyed_server, page_problems):
