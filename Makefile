@@ -3,19 +3,20 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# On a machine without an NVIDIA GPU, pin the CPU build of torch (a plain `torch`
-# requirement would pull the multi-gigabyte CUDA build). GPU hosts get the CUDA build.
-HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
-CONSTRAINTS := $(if $(HAS_GPU),,-c constraints-cpu.txt)
+# Which PyTorch build to install: auto (the CPU build without an NVIDIA GPU, the CUDA build with one), cpu or cuda.
+# scripts/install_torch.py decides where it comes from and says so; see the README's "Install".
+TORCH_BUILD ?= auto
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint clean
+.PHONY: serve test clean
 
-$(BIN)/.installed: pyproject.toml constraints-cpu.txt
+$(BIN)/.installed: pyproject.toml constraints.txt scripts/install_torch.py
+	$(PY) scripts/install_torch.py --check-python
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(CONSTRAINTS) -e '.[test,bench]'
+	$(BIN)/python scripts/install_torch.py --build $(TORCH_BUILD)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,bench]'
 	touch $@
 
 serve: $(BIN)/.installed

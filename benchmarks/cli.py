@@ -16,7 +16,9 @@ TOOLS = {
 
 
 def add_bench_arguments(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark tool (serving, pipeline, overhead, encode, extensions)")
+    parser = subparsers.add_parser(
+        "bench", help="run a benchmark tool (serving, pipeline, overhead, encode, extensions)"
+    )
     parser.add_argument("tool", choices=sorted(TOOLS), help="; ".join(f"{k}: {v[1]}" for k, v in TOOLS.items()))
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the tool's own options (see --help after the tool)")
     parser.set_defaults(func=lambda args: run(args.tool, args.args))

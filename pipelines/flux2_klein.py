@@ -362,7 +362,9 @@ def _references_per_row(pipe: Any, groups: list[int] | None, rows: list[int] | N
         for count in groups:
             group = images[start : start + count]
             start += count
-            encoded.append(original_references(images=group, batch_size=1, generator=generator, device=device, dtype=dtype))
+            encoded.append(
+                original_references(images=group, batch_size=1, generator=generator, device=device, dtype=dtype)
+            )
         latents = torch.cat([encoded[index][0] for index in rows])
         ids = torch.cat([encoded[index][1] for index in rows])
         record["references"] = latents
@@ -417,7 +419,9 @@ def plan_edit(request: GenerationRequest) -> EditPlan:
             raise ValueError(f"mask is {request.mask.size}, the image {request.image.size}")  # type: ignore[union-attr]
         working_mask = prepare_edit_input(request.mask.convert("L"), geometry, fill=0)
         plan.keep = masks.token_keep_weights(working_mask)
-        plan.alpha = masks.feathered_alpha(request.mask, masks.feather_radius(geometry.input_size, geometry.working_size))
+        plan.alpha = masks.feathered_alpha(
+            request.mask, masks.feather_radius(geometry.input_size, geometry.working_size)
+        )
     return plan
 
 
@@ -466,8 +470,7 @@ class _DenoisingLoop:
         self.rows = [[row for row, owned_by in enumerate(owner) if owned_by == index] for index in range(len(requests))]
         steps = requests[0].steps
         self.preview_at = [
-            set(preview_steps(steps, request.partial_images)) if progress is not None else set()
-            for request in requests
+            set(preview_steps(steps, request.partial_images)) if progress is not None else set() for request in requests
         ]
         self.previews_sent = [0] * len(requests)
         self.preview_ms = 0.0

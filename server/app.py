@@ -11,9 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import re
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,12 +21,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.base import Backend
 from server import errors
 from server.config import Settings
-from server.engine import Engine
+from server.engine import ClientGone, Engine
 from server.metrics import Metrics
 from server.routes import health, images, models, ui
 from server.serving import ImageService
@@ -37,6 +36,9 @@ from server.storage import ResultStore, open_store
 logger = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Probes and scrapes arrive every few seconds from load balancers, orchestrators and Prometheus: logged at debug,
+# so that the info log is one line per real request.
+QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
 @dataclass
@@ -49,6 +51,12 @@ class AppState:
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
+    # The model finished loading (ready or not since): a stop before that has no work to drain.
+    loaded: bool = False
+    # Set when the server should stop on its own (the model could not load); the runner polls it.
+    stop_requested: bool = False
+    # Requests answered 503 because the server stopped before they finished.
+    cut_short: int = 0
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     def begin_drain(self) -> None:
@@ -59,14 +67,28 @@ class AppState:
         self.engine.stop_accepting()
 
     async def drain(self) -> None:
-        """Stop taking work and wait (up to the drain timeout) for the accepted requests to finish."""
+        """Stop taking work and wait (up to the drain timeout) for the accepted requests to finish; answer
+        whatever is still unfinished then with 503, as `stop_now` does."""
         self.begin_drain()
         if not await self.engine.wait_idle(self.settings.drain_timeout):
             logger.warning(
-                "drain: %d request(s) still unfinished after %.0f s",
+                "drain: %d request(s) still unfinished after %.0f s: answering them 503",
                 self.engine.outstanding,
                 self.settings.drain_timeout,
             )
+            await self.stop_now()
+
+    async def stop_now(self) -> None:
+        """Stop without waiting: every queued and running request is answered 503 + Retry-After at once and its
+        work stops at the next denoising step."""
+        self.begin_drain()
+        self.cut_short += await self.engine.fail_all(shutting_down)
+
+
+def shutting_down() -> errors.NotReady:
+    return errors.NotReady(
+        "The server is shutting down; retry shortly (another replica may take the request).", retry_after=5
+    )
 
 
 def get_state(request: Request) -> AppState:
@@ -110,7 +132,8 @@ class RequestContextMiddleware:
             route = scope.get("route")
             label = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(label, str(status)).inc()
-            logger.info(
+            logger.log(
+                logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO,
                 "request_id=%s method=%s path=%s status=%d ms=%.1f",
                 request_id,
                 scope["method"],
@@ -120,12 +143,49 @@ class RequestContextMiddleware:
             )
 
 
-class BodyLimitMiddleware:
-    """Refuses bodies over the configured size with 413, before or while they stream in."""
+class ShutdownAnswerMiddleware:
+    """Answers a request that the HTTP server cancels while stopping with our 503 envelope.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    uvicorn cancels the requests still open when its shutdown grace ends (see server/cli.py); left alone, that
+    is a CancelledError traceback in the log and a plain-text 500 for the client. Outside a shutdown a
+    cancellation is not ours to answer and goes on.
+    """
+
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            if not self.state.draining:
+                raise
+            self.state.cut_short += 1
+            if not started:
+                response = error_response(shutting_down(), scope.get("state", {}).get("request_id", "-"))
+                response.headers["connection"] = "close"
+                await response(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over the configured size with 413, before or while they stream in, and answers 408 when a
+    body stops arriving for `idle_timeout` seconds (a slow-body client holds a connection and a request)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.idle_timeout = idle_timeout
 
     def _too_large(self) -> errors.RequestTooLarge:
         limit_mb = self.max_bytes / (1024 * 1024)
@@ -143,12 +203,23 @@ class BodyLimitMiddleware:
             await response(scope, receive, send)
             return
         received = 0
+        body_done = False
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done or self.idle_timeout is None:
+                # After the body, receive() only waits for the client to disconnect: no deadline there.
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.idle_timeout)
+                except TimeoutError:
+                    raise errors.RequestTimeout(
+                        f"The request body stopped arriving: nothing was received for {self.idle_timeout:g} seconds."
+                    ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise self._too_large()
             return message
@@ -182,6 +253,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         param = location[0] if location else None
         return error_response(errors.InvalidRequest(param, first.get("msg", "invalid request")), request_id_of(request))
 
+    async def on_client_disconnect(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client hung up while still sending its body: nobody reads this answer; it is counted as a
+        # cancellation (499), like a client that leaves while its image is made, not as a server error.
+        request.app.state.stepimage.metrics.cancellations.inc()
+        gone = ClientGone("The client closed the connection while sending its request.")
+        return error_response(gone, request_id_of(request))
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         request_id = request_id_of(request)
         logger.exception("request_id=%s unexpected error", request_id)
@@ -190,6 +268,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(errors.ApiError, on_api_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, on_http_exception)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnect, on_client_disconnect)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, on_unexpected)
 
 
@@ -244,6 +323,7 @@ def create_app(
                     await engine.run_blocking(replica.warm_up, sizes, progress)
                     logger.info("%s: warm-up done in %.1f s", device, time.perf_counter() - started)
             engine.start(replicas)
+            state.loaded = True
             state.ready = True
             metrics.ready.set(1)
             for device, replica in replicas:
@@ -251,9 +331,12 @@ def create_app(
                 logger.info("ready on %s: backend=%s model=%s dtype=%s", device, info.backend, info.model, info.dtype)
         except Exception as exc:  # a model that cannot load must say why, loudly
             state.load_error = str(exc)
+            state.loaded = True
             logger.error("the model could not be loaded: %s", exc)
             if exit_on_load_failure:
-                os.kill(os.getpid(), signal.SIGTERM)
+                # The runner (server/cli.py) sees this and stops; a signal to ourselves would read as an
+                # operator's shutdown in the log.
+                state.stop_requested = True
 
     async def every(seconds: float, work: Callable[[], object]) -> None:
         # Storage work may be a request to a bucket: off the event loop. Neither sweep nor check raises.
@@ -292,6 +375,7 @@ def create_app(
     if settings.ui:
         app.include_router(ui.build_router())
     # Added last = outermost: the id exists before anything else runs, and the body limit applies to all.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, idle_timeout=settings.body_timeout)
+    app.add_middleware(ShutdownAnswerMiddleware, state=state)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.protocol import DEFAULT_SIZES
+from weights.manifest import get_checkpoint
 
 _SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
 
@@ -112,13 +113,40 @@ class Settings(BaseSettings):
     metrics_require_key: bool = Field(False, description="Require an API key for /metrics.")
     warmup: bool = Field(True, description="Run every generation size once before reporting ready.")
     sweep_interval: float = Field(60.0, gt=0, description="Seconds between sweeps of expired results.")
-    log_level: str = Field("info", description="debug, info, warning or error.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe log level shown.")
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request's headers, from its connection or its first byte after "
+        "a previous response; a silent connection is closed, a partial request gets 408.",
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request body may stop arriving before the request gets 408."
+    )
+    keep_alive_timeout: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection stays open between requests."
+    )
+    max_connections: int = Field(
+        512, ge=1, description="Open connections served at once; a request on one more gets 503 with Retry-After."
+    )
     ui: bool = Field(True, description="Serve the playground page at / (with --no-ui, / is a 404).")
 
     @field_validator("api_keys", "model_aliases", "extra_sizes", "devices", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_any_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _known_checkpoint(cls, name: str) -> str:
+        # Checked whatever the backend, so that a typo is an error at start, not a setting silently unused.
+        get_checkpoint(name)
+        return name
 
     @field_validator("extra_sizes")
     @classmethod

@@ -176,6 +176,24 @@ class Engine:
             worker.executor.shutdown(wait=False, cancel_futures=True)
         self._loader.shutdown(wait=False, cancel_futures=True)
 
+    async def fail_all(self, error: Callable[[], ApiError]) -> int:
+        """Answer every queued and running request with `error()` now and set their cancel flags, so that running
+        batches stop at their next step. Returns how many requests were answered. For a shutdown that cannot
+        wait: each waiting client gets its error at once instead of a dropped connection."""
+        jobs = [*self._queue, *(job for worker in self.workers for job in worker.running)]
+        answered = 0
+        for job in jobs:
+            job.cancelled = True
+            if not job.future.done():
+                job.future.set_exception(error())
+                answered += 1
+        condition = self._condition()
+        async with condition:
+            self._queue.clear()
+            self._update_gauges()
+            condition.notify_all()
+        return answered
+
     # -- accounting ------------------------------------------------------------------------------
 
     @property

@@ -16,6 +16,8 @@ class ApiError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str = "internal_error"
+    # The connection cannot serve another request after this answer (a body was left half-read).
+    close_connection: bool = False
 
     def __init__(self, message: str, *, param: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
@@ -63,10 +65,27 @@ class MethodNotAllowed(ApiError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(ApiError):
+    """The client stopped sending its request body."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    close_connection = True
+
+
 class RequestTooLarge(ApiError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class HeadersTooLarge(ApiError):
+    """The request head (request line and headers) is over the HTTP layer's limit."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
 
 
 class UnsupportedMediaType(ApiError):
@@ -85,6 +104,14 @@ class NotReady(ApiError):
     status = 503
     type = "server_error"
     code = "not_ready"
+
+
+class TooManyConnections(ApiError):
+    """More connections are open than the server serves at once (--max-connections)."""
+
+    status = 503
+    type = "server_error"
+    code = "too_many_connections"
 
 
 class StorageUnavailable(ApiError):
@@ -136,6 +163,8 @@ def to_response(error: ApiError) -> ErrorResponse:
     headers = {}
     if error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
+    if error.close_connection:
+        headers["Connection"] = "close"
     return ErrorResponse(status=error.status, body=body, headers=headers)
 
 

@@ -95,7 +95,7 @@ class EditsBody(ImageFields):
     mask: str | ImageURL | None = Field(
         None,
         description="A PNG with alpha, the first image's size: fully transparent pixels mark the area to change; "
-        "every other pixel is kept exactly. Base64, a data URL, {\"image_url\": ...} or a file part.",
+        'every other pixel is kept exactly. Base64, a data URL, {"image_url": ...} or a file part.',
     )
 
 

@@ -106,7 +106,9 @@ async def _read_form(request: Request) -> FormData:
             )
             form = await parser.parse()
     except MultiPartException as exc:
-        raise InvalidRequest(None, f"The multipart body is malformed: {exc.message}", code="invalid_multipart") from None
+        raise InvalidRequest(
+            None, f"The multipart body is malformed: {exc.message}", code="invalid_multipart"
+        ) from None
     if not parser.complete:
         await form.close()
         raise InvalidRequest(

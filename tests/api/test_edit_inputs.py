@@ -157,7 +157,11 @@ def test_a_mask_part_reaches_the_pipeline_as_the_area_to_change(make_client, gat
 def test_json_masks(make_client, gated, shape):
     client = make_client(backend=gated)
     url = data_url(mask_png(64, 64))
-    body = {**JSON_FIELDS, "image": data_url(image_bytes(64, 64)), "mask": url if shape == "string" else {"image_url": url}}
+    body = {
+        **JSON_FIELDS,
+        "image": data_url(image_bytes(64, 64)),
+        "mask": url if shape == "string" else {"image_url": url},
+    }
     assert client.post(EDITS, json=body).status_code == 200, body
     assert gated.requests[-1].mask is not None
 

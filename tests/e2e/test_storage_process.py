@@ -127,7 +127,7 @@ def start_up_cases(tmp: Path, s3_server) -> dict[str, tuple[list[str], dict[str,
         "file": (["--storage-dir", str(tmp / "a-file")], {}, "--storage-dir (STEPIMAGE_STORAGE_DIR): is a file"),
         # sysfs: a directory in which the kernel lets nobody, root included, create a file.
         "unwritable": (["--storage-dir", "/sys"], {}, "--storage-dir (STEPIMAGE_STORAGE_DIR): is not writable"),
-        "no-bucket-given": (["--storage", "s3"], {}, "--s3-bucket: Value error, a bucket is required with --storage"),
+        "no-bucket-given": (["--storage", "s3"], {}, "--s3-bucket: a bucket is required with --storage"),
         "missing-bucket": (missing, s3_server.env(), "the bucket 'no-such-bucket' does not exist"),
         "unreachable": (unreachable, s3_server.env(), "--s3-endpoint-url (STEPIMAGE_S3_ENDPOINT_URL): cannot connect"),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from pipelines.base import GenerationRequest, ModelLoadError
 from pipelines.tiny import save_tiny_pipeline
@@ -38,9 +39,17 @@ def test_missing_weights_say_where_and_how_to_fetch(tmp_path):
     assert "stepimage weights pull flux2-klein-4b" in message
 
 
-def test_unknown_checkpoint_is_a_load_error(tmp_path):
+def test_unknown_checkpoint_is_refused_with_the_settings_whatever_the_backend(tmp_path):
+    # At start, before anything loads: a typo is an error even where the backend would never read it (tiny).
+    for backend in ("flux2-klein", "tiny", "auto"):
+        with pytest.raises(ValidationError, match="flux2-klein-base-4b"):
+            Settings(backend=backend, checkpoint="sdxl", weights_dir=tmp_path, device="cpu")
+    # Settings built around validation still cannot load an unknown checkpoint.
+    unchecked = Settings(backend="flux2-klein", weights_dir=tmp_path, device="cpu").model_copy(
+        update={"checkpoint": "sdxl"}
+    )
     with pytest.raises(ModelLoadError, match="flux2-klein-base-4b"):
-        load_backend(Settings(backend="flux2-klein", checkpoint="sdxl", weights_dir=tmp_path, device="cpu"))
+        load_backend(unchecked)
 
 
 def test_auto_without_cuda_serves_tiny_and_says_so(caplog):

@@ -157,3 +157,112 @@ def test_multi_gpu_replicas_use_distinct_gpus_behind_the_balancer():
     nginx = (ROOT / "deploy" / "nginx.conf").read_text()
     assert set(re.findall(r"server (gpu\d+):8000", nginx)) == set(replicas)
     assert set(spec["balancer"]["depends_on"]) == set(replicas)
+
+
+# -- the CUDA stack, the air-gapped list, the slow-client settings, the docs ---------------------------------------
+
+README = (ROOT / "README.md").read_text()
+
+
+def install_torch_module():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("install_torch", ROOT / "scripts" / "install_torch.py")
+    module = sys.modules["install_torch"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cuda_image_torch_and_driver_agree_and_are_stated():
+    install_torch = install_torch_module()
+    torch_version = install_torch.pinned_version()
+    build = install_torch.PYPI_CUDA_BUILD[torch_version]
+    image = re.search(r"^ARG CUDA_IMAGE=(\S+)$", DOCKERFILE, flags=re.M).group(1)
+    tag = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-base-ubuntu\d+\.\d+", image)
+    assert tag, image
+    assert f"{tag.group(1)}.{tag.group(2)}" == build["cuda"]
+    # Both bases install torch through the same script and pin, and the app stage keeps it.
+    assert DOCKERFILE.count("COPY constraints.txt /build/") == 2
+    assert "install_torch.py --build cuda" in DOCKERFILE and "install_torch.py --build cpu" in DOCKERFILE
+    assert "pip install -c /build/constraints.txt ." in DOCKERFILE
+    for fact in (image, f"CUDA {build['cuda']}", f"{build['min_driver']} or newer", f"({torch_version})"):
+        assert fact in README, fact
+    assert f"NVIDIA driver {build['min_driver']} or newer" in DOCKERFILE
+
+
+def test_the_air_gapped_list_carries_everything_compose_needs():
+    section = README[README.index("**Air-gapped hosts.**") : README.index("**Several GPUs on one host**")]
+    saved = re.search(r"^docker save (.+?) \|", section, flags=re.M).group(1).split()
+    for name in COMPOSE_FILES:
+        for service_name, service in compose(name)["services"].items():
+            if service.get("profiles"):
+                continue  # the one-shot puller and the CPU trial are not part of the offline service
+            assert service["image"] in saved, (name, service_name)
+            assert f"docker pull {service['image']}" in section or "build" in service, service["image"]
+            for volume in service.get("volumes", []):
+                source = volume.split(":")[0]
+                if source.startswith("./deploy/"):
+                    assert source.removeprefix("./") in section, source
+        assert name in section
+    assert "stepimage.env" in section and "models/flux2-klein-4b" in section
+    assert "weights verify" in section
+
+
+def test_nginx_recommendation_matches_the_server_limits():
+    from server.connections import MAX_HEAD_BYTES
+
+    nginx = (ROOT / "deploy" / "nginx.conf").read_text()
+    defaults = Settings()
+
+    def seconds(directive: str) -> float:
+        return float(re.search(rf"^\s*{directive} (\d+)s;", nginx, flags=re.M).group(1))
+
+    assert seconds("client_header_timeout") == defaults.header_timeout
+    assert seconds("client_body_timeout") == defaults.body_timeout
+    assert re.search(rf"large_client_header_buffers \d+ {MAX_HEAD_BYTES // 1024}k;", nginx)
+    assert re.search(r"limit_conn stepimage_per_client \d+;", nginx)
+    assert f"client_header_timeout {seconds('client_header_timeout'):g}s" in README
+
+
+def test_docs_link_only_to_files_in_the_repository():
+    documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for document in documents:
+        text = document.read_text()
+        assert "../shared" not in text, document
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+            if "://" in target:
+                continue
+            assert (document.parent / target).exists(), (document.name, target)
+    assert "(docs/api-contract.md)" in README
+
+
+def test_the_contract_documents_every_error_the_server_sends():
+    import server.engine  # noqa: F401 - defines the 499 a disconnected client is counted as
+    from server import errors
+
+    contract = (ROOT / "docs" / "api-contract.md").read_text()
+
+    def every(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from every(sub)
+
+    for error in every(errors.ApiError):
+        if not error.__module__.startswith("server."):
+            continue  # defined by a test
+        assert str(error.status) in contract, error.__name__
+        if error.code != errors.InvalidRequest.code:
+            assert f"`{error.code}`" in contract, (error.__name__, error.code)
+
+
+def test_readme_states_the_exit_statuses_and_new_options():
+    from server import cli
+
+    section = README[README.index("## Shutdown") : README.index("## Slow clients")]
+    for name in ("EXIT_OK", "EXIT_LOAD_FAILED", "EXIT_USAGE", "EXIT_CANNOT_LISTEN", "EXIT_CUT_SHORT"):
+        assert f"| {getattr(cli, name)} |" in section, name
+    assert f"{cli.SHUTDOWN_GRACE_S} more seconds" in section
+    for flag in ("--header-timeout", "--body-timeout", "--keep-alive-timeout", "--max-connections"):
+        default = Settings.model_fields[flag[2:].replace("-", "_")].default
+        assert f"| `{flag}` | {default:g} |" in README, flag
