@@ -35,10 +35,10 @@ def test_image(width: int, height: int, index: int = 0) -> Image.Image:
     return image
 
 
-def edit_inputs(fmt: str = "PNG") -> list[tuple[str, bytes]]:
-    """(file name, encoded bytes) for every benchmark edit size."""
+def edit_inputs(fmt: str = "PNG", sizes: tuple[tuple[int, int], ...] = EDIT_SIZES) -> list[tuple[str, bytes]]:
+    """(file name, encoded bytes) for every benchmark edit size, (width, height) each."""
     inputs = []
-    for index, (width, height) in enumerate(EDIT_SIZES):
+    for index, (width, height) in enumerate(sizes):
         buffer = io.BytesIO()
         test_image(width, height, index).save(buffer, format=fmt)
         inputs.append((f"input-{width}x{height}.{fmt.lower()}", buffer.getvalue()))

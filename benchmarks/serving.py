@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.assets import edit_inputs, load_prompts
+from benchmarks.assets import EDIT_SIZES, edit_inputs, load_prompts
 from benchmarks.stats import machine, parse_server_timing, percentile, plot_points, summary_ms, write_report
 
 
@@ -162,7 +162,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         response_format=args.response_format,
         extra=json.loads(args.extra) if args.extra else {},
         prompts=load_prompts(Path(args.prompts)) if args.prompts else load_prompts(),
-        inputs=edit_inputs() if args.endpoint == "edits" else [],
+        inputs=edit_inputs(sizes=args.edit_sizes or EDIT_SIZES) if args.endpoint == "edits" else [],
     )
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     points = []
@@ -174,7 +174,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for rate in args.rate or []:
             points.append(await open_loop(client, target, rate, args.requests, args.duration, args.seed))
     settings = {key: value for key, value in vars(args).items() if key not in ("api_key", "out", "plot")}
-    return {"tool": "serving", "machine": machine(), "settings": settings, "points": points}
+    return {"tool": "serving", "machine": machine(with_torch=False), "settings": settings, "points": points}
+
+
+def _edit_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """--edit-sizes HEIGHTxWIDTH,... as (width, height) pairs, the order PIL uses."""
+    sizes = []
+    for size in text.split(","):
+        try:
+            height, width = (int(side) for side in size.strip().lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{size!r} is not HEIGHTxWIDTH, e.g. 1024x1024") from None
+        sizes.append((width, height))
+    return tuple(sizes)
 
 
 def _numbers(kind):
@@ -191,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cfg-scale", type=float, default=1.0)
     parser.add_argument("--response-format", choices=("b64_json", "url"), default="b64_json")
+    parser.add_argument(
+        "--edit-sizes",
+        type=_edit_sizes,
+        help="edits: input sizes HEIGHTxWIDTH,... sent in turn (default: six shapes from 512x512 to 1536x2048)",
+    )
     parser.add_argument("--extra", help="more JSON fields for every request, e.g. '{\"text_mode\": true}'")
     parser.add_argument("--prompts", help="a file of prompts, one per line (default: the bundled set)")
     parser.add_argument("--concurrency", type=_numbers(int), help="closed-loop clients, e.g. 1,2,4,8,16")

@@ -60,12 +60,16 @@ def write_report(report: dict[str, Any], out: str | Path) -> Path:
     return path
 
 
-def machine() -> dict[str, Any]:
+def machine(with_torch: bool = True) -> dict[str, Any]:
+    """This machine; `with_torch` adds torch's version and GPUs (the serving client leaves it out: importing torch
+    costs seconds per run, and the client's torch says nothing about the server it measures)."""
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
     }
+    if not with_torch:
+        return info
     try:
         import torch
 

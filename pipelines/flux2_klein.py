@@ -93,6 +93,10 @@ class RunOptions:
     # Record each denoising step's duration in result details (synchronizes the GPU at every step, so
     # benchmarks turn it on and serving leaves it off).
     step_timing: bool = False
+    # Weight quantization of the transformer's linear layers: "none" or "fp8" (pipelines.quantize).
+    quantize: str = "none"
+    # Where the text encoder lives: "device", "offload" or "cpu" (pipelines.offload).
+    text_encoder_placement: str = "device"
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -102,11 +106,13 @@ def resolve_dtype(name: str) -> torch.dtype:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
 
 
-def load_pipeline(path: Path, *, dtype: torch.dtype, device: str):
+def load_pipeline(path: Path, *, dtype: torch.dtype, device: str, text_encoder_device: str | None = None):
     """Load a diffusers-layout Flux2KleinPipeline from a local directory, never from the network.
 
     The pipeline is loaded with `is_distilled=False`: see the module docstring for why guidance is
-    decided per request here. Returns (pipeline, is_distilled as the checkpoint declares it).
+    decided per request here. `text_encoder_device` keeps the text encoder elsewhere (the CPU, for
+    --text-encoder-placement offload/cpu), so that it never occupies the serving device, even while
+    loading. Returns (pipeline, is_distilled as the checkpoint declares it).
     """
     from diffusers import Flux2KleinPipeline
 
@@ -142,7 +148,12 @@ def load_pipeline(path: Path, *, dtype: torch.dtype, device: str):
             f"could not load the pipeline from {path}: {exc}. Run `stepimage weights verify` to check every file."
         ) from exc
     _check_tokenizer(pipe, path)
-    pipe.to(device)
+    if text_encoder_device is None:
+        pipe.to(device)
+    else:
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module):
+                component.to(text_encoder_device if name == "text_encoder" else device)
     return pipe, bool(index.get("is_distilled", False))
 
 
@@ -575,6 +586,11 @@ class Flux2KleinBackend:
     def __init__(self, pipe: Any, spec: ModelSpec, options: RunOptions, info: BackendInfo) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        from pipelines.offload import TextEncoderPlacement
+        from pipelines.quantize import check_quantization, quantize_transformer
+
+        check_quantization(options.quantize, options.device, options.dtype)
+
         self.pipe = pipe
         self.spec = spec
         self.options = options
@@ -599,8 +615,12 @@ class Flux2KleinBackend:
         if options.trim_text_encoder:
             removed = trim_text_encoder(pipe.text_encoder, spec.text_encoder_out_layers)
             logger.info("text encoder: dropped %d layer(s) the pipeline never reads", removed)
+        self.text_encoder_home = TextEncoderPlacement(pipe.text_encoder, options.text_encoder_placement, options.device)
+        self.text_encoder_home.release_before(pipe.transformer)
         if options.attention_backend:
             pipe.transformer.set_attention_backend(options.attention_backend)
+        # Quantize before compiling: the compiled graphs are traced over the float8 weights.
+        self.quantization = quantize_transformer(pipe.transformer, options.quantize)
         if options.compile:
             compile_pipeline(pipe, backend=options.compile_backend)
 
@@ -613,12 +633,13 @@ class Flux2KleinBackend:
         if cached is not None:
             self._prompt_cache.move_to_end(prompt)
             return cached
-        embeds, _ = self.pipe.encode_prompt(
-            prompt=prompt,
-            device=self.device,
-            max_sequence_length=self.spec.max_sequence_length,
-            text_encoder_out_layers=self.spec.text_encoder_out_layers,
-        )
+        with self.text_encoder_home.encoding():
+            embeds, _ = self.pipe.encode_prompt(
+                prompt=prompt,
+                device=self.device,
+                max_sequence_length=self.spec.max_sequence_length,
+                text_encoder_out_layers=self.spec.text_encoder_out_layers,
+            )
         if self.options.prompt_cache_size > 0:
             self._prompt_cache[prompt] = embeds
             while len(self._prompt_cache) > self.options.prompt_cache_size:
@@ -778,17 +799,31 @@ class Flux2KleinBackend:
         pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return self.pipe.image_processor.postprocess(pixels, output_type="pil")
 
-    def warm_up(self, sizes: list[tuple[int, int]], progress: Callable[[str], None] | None = None) -> None:
-        """Run every (height, width) once, then two edits, so that no request pays first-call costs.
+    def warm_up(
+        self,
+        sizes: list[tuple[int, int]],
+        progress: Callable[[str], None] | None = None,
+        edit_sizes: tuple[tuple[int, int], ...] | None = None,
+    ) -> None:
+        """Run every (height, width) once, a batch of two, then two edits, so that no request pays
+        first-call costs.
 
         With compile on, the first two distinct shapes make torch.compile mark the sequence length
-        dynamic, so edits of any input size reuse the compiled graphs instead of recompiling.
+        dynamic, so edits of any input size reuse the compiled graphs instead of recompiling; the batch
+        of two does the same for the batch dimension (without it the first batched request recompiled
+        three graphs, counted with the CPU aot_eager backend in tests/pipelines/test_quantize_offload.py).
+        `edit_sizes` (width, height) replaces WARM_UP_EDIT_SIZES where 1 MP edits cost too much (tiny dry runs).
         """
         for height, width in sizes:
             if progress is not None:
                 progress(f"warming up text-to-image {height}x{width}")
             self.generate(GenerationRequest(prompt="warm-up", seed=0, steps=1, height=height, width=width))
-        for width, height in WARM_UP_EDIT_SIZES:
+        if sizes:
+            height, width = sizes[0]
+            if progress is not None:
+                progress(f"warming up a batch of two {height}x{width}")
+            self.generate(GenerationRequest(prompt="warm-up", seed=0, steps=1, height=height, width=width, n=2))
+        for width, height in WARM_UP_EDIT_SIZES if edit_sizes is None else edit_sizes:
             if progress is not None:
                 progress(f"warming up edit {width}x{height}")
             source = Image.new("RGB", (width, height), (127, 127, 127))
@@ -797,7 +832,14 @@ class Flux2KleinBackend:
 
 def load_checkpoint_backend(path: Path, name: str, options: RunOptions) -> Flux2KleinBackend:
     """The backend for a real checkpoint directory (diffusers layout)."""
-    pipe, is_distilled = load_pipeline(path, dtype=resolve_dtype(options.dtype), device=options.device)
+    from pipelines.quantize import check_quantization
+
+    # Refuse an impossible --quantize before minutes of loading, not after.
+    check_quantization(options.quantize, options.device, options.dtype)
+    text_encoder_device = None if options.text_encoder_placement == "device" else "cpu"
+    pipe, is_distilled = load_pipeline(
+        path, dtype=resolve_dtype(options.dtype), device=options.device, text_encoder_device=text_encoder_device
+    )
     info = BackendInfo(
         backend="flux2-klein",
         model=name,
@@ -827,7 +869,14 @@ def checkpoint_spec(pipe: Any, name: str) -> ModelSpec:
 
 
 def load_random_weights_backend(checkpoint: Any, options: RunOptions) -> Flux2KleinBackend:
-    """The FULL-SIZE architecture of `checkpoint` with random weights, for latency work without a download."""
+    """The FULL-SIZE architecture of `checkpoint` with random weights, for latency work without a download.
+
+    The weights are drawn on the serving device whatever the text encoder's placement, so every
+    placement serves the same random model (the backend moves the text encoder afterwards).
+    """
+    from pipelines.quantize import check_quantization
+
+    check_quantization(options.quantize, options.device, options.dtype)
     pipeline_config = checkpoint.config("pipeline")
     pipe = build_pipeline_from_configs(
         transformer=checkpoint.config("transformer"),

@@ -29,6 +29,8 @@ from server import errors
 from server.config import Settings
 from server.engine import ClientGone, Engine
 from server.metrics import Metrics
+from server.openapi import create_documented_app
+from server.protocol import QUOTED_CHARS, quoted
 from server.routes import health, images, models, ui
 from server.serving import ImageService
 from server.storage import ResultStore, open_store
@@ -238,10 +240,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(exc, request_id_of(request))
 
     async def on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # The method and path are the client's own text: bounded, so a 100 kB path is not echoed whole.
+        method, path = request.method[:QUOTED_CHARS], quoted(request.url.path)
         if exc.status_code == 404:
-            error: errors.ApiError = errors.NotFound(f"No route {request.method} {request.url.path}")
+            error: errors.ApiError = errors.NotFound(f"No route {method} {path}")
         elif exc.status_code == 405:
-            error = errors.MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}")
+            error = errors.MethodNotAllowed(f"Method {method} is not allowed on {path}")
         else:
             error = errors.InvalidRequest(None, str(exc.detail))
             error.status = exc.status_code
@@ -360,12 +364,11 @@ def create_app(
                 loading.cancel()
             await engine.drain(settings.drain_timeout)
 
-    app = FastAPI(
+    app = create_documented_app(
+        settings,
         title="stepimage",
         description="Step Image Edit 2 image API on open weights",
         lifespan=lifespan,
-        docs_url="/docs",
-        redoc_url=None,
     )
     app.state.stepimage = state
     _install_error_handlers(app)

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.errors import AuthenticationFailed
+
+# Declares the bearer key to the OpenAPI document (a security scheme on every route that depends on
+# require_api_key); it never rejects anything itself, so the 401 stays ours, with our message and envelope.
+bearer_scheme = HTTPBearer(
+    scheme_name="bearerAuth",
+    description="One of the server's API keys (--api-key), as 'Authorization: Bearer <key>'.",
+    auto_error=False,
+)
 
 
 def key_is_valid(presented: str, keys: list[str]) -> bool:
@@ -32,6 +42,8 @@ def check_api_key(request: Request, keys: list[str]) -> None:
         raise AuthenticationFailed("Incorrect API key provided.")
 
 
-async def require_api_key(request: Request) -> None:
+async def require_api_key(
+    request: Request, _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+) -> None:
     """FastAPI dependency for the routes that need a key."""
     check_api_key(request, request.app.state.stepimage.settings.api_keys)

@@ -49,6 +49,8 @@ def run_options(settings: Settings, device: str, dtype: str):
         compile=compile_on,
         attention_backend=settings.attention_backend,
         trim_text_encoder=settings.trim_text_encoder,
+        quantize=settings.quantize,
+        text_encoder_placement=settings.text_encoder_placement,
     )
 
 

@@ -67,6 +67,17 @@ class Settings(BaseSettings):
     trim_text_encoder: bool = Field(
         False, description="Drop the text-encoder layers the pipeline never reads (exact; saves ~25% of it)."
     )
+    quantize: Literal["none", "fp8"] = Field(
+        "none",
+        description="fp8: the transformer's linear layers in float8 with per-row scales (torchao; needs a GPU of "
+        "compute capability 8.9+, bf16 and the fp8 extra).",
+    )
+    text_encoder_placement: Literal["device", "offload", "cpu"] = Field(
+        "device",
+        description="Where the text encoder lives: device; offload (CPU memory, moved in only to encode a prompt "
+        "not in the prompt cache); cpu (encodes on the CPU). offload/cpu keep its 8.0 GB (6.4 trimmed) off the GPU "
+        "between prompts.",
+    )
     public_url: str | None = Field(None, description="Origin used in result URLs; default: the request's own.")
     storage_dir: Path = Field(default_factory=default_storage_dir, description="Where url results are kept.")
     url_ttl: int = Field(7200, ge=1, description="Seconds a stored result stays downloadable.")
@@ -97,6 +108,12 @@ class Settings(BaseSettings):
         default_factory=list, description="More names accepted for the same model."
     )
     max_n: int = Field(4, ge=1, description="Most images one request may ask for.")
+    max_output_pixels: int = Field(
+        4096 * 4096,
+        ge=64 * 64,
+        description="Most output pixels one request may ask for (n x width x height), refused with 400 before any "
+        "work; the default fits one edit of the largest input, 4096x4096, or four 2048x2048.",
+    )
     max_edit_images: int = Field(
         4, ge=1, description="Most input images one edit may send (the edited image plus references)."
     )

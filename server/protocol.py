@@ -1,18 +1,24 @@
-"""Wire models of the image API: request fields with their defaults and ranges, responses, and how a
-validation failure becomes one clear `InvalidRequest` naming the field.
+"""Wire models of the image API: request fields with their defaults and ranges, responses, the error envelope,
+and how a validation failure becomes one clear `InvalidRequest` naming the field.
 
-The same models validate JSON bodies and multipart form fields (whose values all arrive as strings,
-so numbers and booleans are coerced: `text_mode` accepts true/false/1/0 in any case).
+The same models validate JSON bodies and form fields, and are the source of the OpenAPI schema (server/openapi.py).
+Form values all arrive as strings, so numbers are coerced from text; booleans are strict: JSON true/false, and in a
+form only true/false/1/0 in any case (`parse_fields(..., form=True)`). Messages quote a client's value through
+`quoted`, which bounds its length whatever the client sent.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+import re
+from typing import Annotated, Any, Literal
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from server.errors import InvalidRequest
+from server.images import DEFAULT_QUALITY
 
 MAX_PROMPT_CHARS = 512
 MAX_SEED = 2_147_483_647
@@ -23,6 +29,54 @@ ResponseFormat = Literal["url", "b64_json"]
 # The hosted API's sizes, written height x width.
 DEFAULT_SIZES = ("1024x1024", "768x1360", "896x1184", "1360x768", "1184x896")
 DEFAULT_SIZE = "1024x1024"
+# What a well-formed size looks like on either endpoint; which sizes a generation may use is configuration.
+SIZE_PATTERN = r"^[0-9]{1,5}[xX][0-9]{1,5}$"
+# Edits ignore size (the result has the input's size), so OpenAI's "auto" is as good as any well-formed size.
+EDIT_SIZE_PATTERN = r"^(auto|[0-9]{1,5}[xX][0-9]{1,5})$"
+# The longest piece of a client's value that a message quotes back.
+QUOTED_CHARS = 64
+
+FORM_TRUE = ("true", "1")
+FORM_FALSE = ("false", "0")
+BOOLEAN_RULE = "true or false (in a form: true, false, 1 or 0, in any case)"
+
+
+def quoted(value: Any) -> str:
+    """A client's value as an error message shows it: JSON-style, at most QUOTED_CHARS characters of text, and never
+    a container's contents (a 100,000-character model name or a deeply nested array stays a short message)."""
+    if isinstance(value, str):
+        shown = value if len(value) <= QUOTED_CHARS else value[:QUOTED_CHARS] + "..."
+        # Lone surrogates cannot be encoded in the UTF-8 response: show them as escapes.
+        text = json.dumps(shown, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
+        return text if len(value) <= QUOTED_CHARS else f"{text} ({len(value)} characters)"
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        text = repr(value)
+        return text if len(text) <= QUOTED_CHARS else f"a {len(text)}-digit number"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def _wire_boolean(value: Any, info: ValidationInfo) -> Any:
+    """A boolean is JSON true/false; in a form, where every value is text, true/false/1/0 in any case. pydantic alone
+    would also take yes/on/t/y and 1/0 numbers, which the contract does not promise."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and (info.context or {}).get("form"):
+        lowered = value.lower()
+        if lowered in FORM_TRUE:
+            return True
+        if lowered in FORM_FALSE:
+            return False
+    raise PydanticCustomError("wire_boolean", "not a boolean")
+
+
+WireBool = Annotated[bool, BeforeValidator(_wire_boolean)]
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class ImageFields(BaseModel):
@@ -30,18 +84,45 @@ class ImageFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(None, description="Served model name; absent means the default model.")
-    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS, description="What to generate or how to edit.")
-    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="Used only when cfg_scale > 1.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Absent: the server draws one and returns it.")
-    steps: int = Field(8, ge=1, le=50, description="Denoising steps.")
-    cfg_scale: float = Field(1.0, ge=1.0, le=10.0, description="1.0 disables classifier-free guidance.")
-    text_mode: bool = Field(False, description="Favour legible rendered text (see the backend's docs).")
-    response_format: ResponseFormat = Field("url", description="A stored file's URL, or the image inline.")
-    n: int = Field(1, ge=1, description="Images per request (extension); image i uses seed + i.")
-    output_format: OutputFormat = Field("png", description="Extension: png, jpeg or webp.")
-    output_compression: int | None = Field(None, ge=0, le=100, description="Extension: jpeg/webp quality.")
-    stream: bool = Field(
+    model: str | None = Field(
+        None, description="A served model name (step-image-edit-2 unless configured); absent: the default model."
+    )
+    prompt: str = Field(
+        ...,
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description="What to generate or how to edit; not blank. Characters are Unicode code points.",
+        examples=["A red bicycle leaning on a white wall"],
+    )
+    negative_prompt: str = Field(
+        "", max_length=MAX_PROMPT_CHARS, description="What to steer away from; used only when cfg_scale > 1."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Same seed, same request: same pixels. Absent: drawn at random, returned."
+    )
+    steps: int = Field(8, ge=1, le=50, description="Denoising steps: more is slower and usually finer.")
+    cfg_scale: float = Field(
+        1.0, ge=1.0, le=10.0, description="Classifier-free guidance; 1.0 turns it off (one model pass per step)."
+    )
+    text_mode: WireBool = Field(
+        False,
+        description="Favour legible rendered text: quoted text in the prompt is rendered verbatim, and edits work at "
+        "the full 1 MP. In a form: true, false, 1 or 0, in any case.",
+    )
+    response_format: ResponseFormat = Field(
+        "url", description="url: a link to the stored file (no key needed, expires); b64_json: the image inline."
+    )
+    n: int = Field(
+        1,
+        ge=1,
+        description="Extension: images per request (at most --max-n, and --max-output-pixels in all); "
+        "image i uses seed + i.",
+    )
+    output_format: OutputFormat = Field("png", description="Extension: the images' file format.")
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description=f"Extension: jpeg/webp quality (an error with png); absent: {DEFAULT_QUALITY}."
+    )
+    stream: WireBool = Field(
         False, description="Extension (OpenAI's streaming): answer with server-sent events instead of one JSON body."
     )
     partial_images: int = Field(
@@ -60,6 +141,15 @@ class ImageFields(BaseModel):
             raise ValueError("boolean given for a number")
         return value
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _text_is_unicode(cls, value: Any) -> Any:
+        # JSON can spell a lone surrogate (\\ud800) that is no character at all: say so, rather than letting it
+        # fail some other rule (it used to be reported as too long) or reach the tokenizer.
+        if isinstance(value, str) and _SURROGATE.search(value):
+            raise PydanticCustomError("text_encoding", "not valid Unicode text")
+        return value
+
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
@@ -69,7 +159,9 @@ class ImageFields(BaseModel):
 
 
 class GenerationsBody(ImageFields):
-    size: str = Field(DEFAULT_SIZE, description="HEIGHTxWIDTH, one of the served sizes.")
+    size: str = Field(
+        DEFAULT_SIZE, pattern=SIZE_PATTERN, description="HEIGHTxWIDTH (768x1360 is 1360 wide), one of the served sizes."
+    )
 
 
 class ImageURL(BaseModel):
@@ -82,7 +174,12 @@ class ImageURL(BaseModel):
 
 class EditsBody(ImageFields):
     # Accepted and ignored: an edit returns the input's own size.
-    size: str | None = Field(None, description="Ignored for edits: the result has the input's size.")
+    size: str | None = Field(
+        None,
+        pattern=EDIT_SIZE_PATTERN,
+        description="Accepted and ignored, as by the hosted API: the result has the input's size. HEIGHTxWIDTH or "
+        "auto; a malformed size is an error.",
+    )
     image: str | list[str] | None = Field(
         None,
         description="The image to edit, base64 or a data URL (in multipart: file parts named image or image[]). "
@@ -107,10 +204,10 @@ class InputTokensDetails(BaseModel):
 class Usage(BaseModel):
     """What the model processed, in tokens: 16x16-pixel latent patches for images, tokenizer tokens for text."""
 
-    input_tokens: int
+    input_tokens: int = Field(..., description="text_tokens + image_tokens.")
     input_tokens_details: InputTokensDetails
     output_tokens: int = Field(..., description="Latent tokens of the images made (all n of them).")
-    total_tokens: int
+    total_tokens: int = Field(..., description="input_tokens + output_tokens.")
 
     @classmethod
     def of(cls, text_tokens: int, image_tokens: int, output_tokens: int) -> Usage:
@@ -123,17 +220,19 @@ class Usage(BaseModel):
 
 
 class ImageData(BaseModel):
-    seed: int
-    finish_reason: Literal["success", "content_filtered"] = "success"
-    b64_json: str | None = None
-    url: str | None = None
+    seed: int = Field(..., description="The seed this image was made with (the request's seed + its index).")
+    finish_reason: Literal["success", "content_filtered"] = Field(
+        "success", description="content_filtered when a configured content filter blocked the image."
+    )
+    b64_json: str | None = Field(None, description="The image, base64-encoded (response_format b64_json).")
+    url: str | None = Field(None, description="Where to download the image, no key needed (response_format url).")
 
 
 class ImagesResponse(BaseModel):
-    created: int
-    data: list[ImageData]
-    usage: Usage
-    output_format: OutputFormat
+    created: int = Field(..., description="Unix time the response was made.")
+    data: list[ImageData] = Field(..., description="One item per image, in seed order.")
+    usage: Usage = Field(..., description="What the model processed for this request.")
+    output_format: OutputFormat = Field(..., description="The images' file format.")
     size: str = Field(..., description="HEIGHTxWIDTH of the images made, as the request's size is written.")
 
     def to_wire(self) -> dict[str, Any]:
@@ -149,13 +248,14 @@ class ImageStreamEvent(BaseModel):
         "image_generation.completed",
         "image_edit.partial_image",
         "image_edit.completed",
-    ]
-    created_at: int
+    ] = Field(..., description="The event's name, also sent as its SSE event field.")
+    created_at: int = Field(..., description="Unix time the event was made.")
     size: str = Field(..., description="HEIGHTxWIDTH, as the request's size is written.")
-    output_format: OutputFormat
-    seed: int
-    # Which of the request's n images this event is about (extension; always 0 when n is 1).
-    image_index: int = 0
+    output_format: OutputFormat = Field(..., description="The image's file format.")
+    seed: int = Field(..., description="The seed of the image this event is about.")
+    image_index: int = Field(
+        0, description="Extension: which of the request's n images this event is about (0 when n is 1)."
+    )
     b64_json: str | None = Field(None, description="The image; on completed events only with b64_json.")
     url: str | None = Field(None, description="Completed events of a response_format=url request.")
     partial_image_index: int | None = Field(None, description="0-based index of a partial image.")
@@ -163,6 +263,23 @@ class ImageStreamEvent(BaseModel):
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field(..., description="What went wrong, for a person.")
+    type: str = Field(..., description="invalid_request_error, rate_limit_error or server_error.")
+    param: str | None = Field(..., description="The request field at fault, when there is one.")
+    code: str | None = Field(..., description="A stable machine-readable code, e.g. invalid_value, model_not_found.")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope: the body of every error response (server/errors.py builds it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
 
 
 def _field_rule(model: type[BaseModel], name: str) -> str:
@@ -181,7 +298,7 @@ def _field_rule(model: type[BaseModel], name: str) -> str:
         choices = info.annotation.__args__ if hasattr(info.annotation, "__args__") else ()
         return "one of " + ", ".join(str(choice) for choice in choices)
     if "bool" in annotation:
-        return "a boolean (true or false)"
+        return BOOLEAN_RULE
     kind = "an integer" if "int" in annotation else "a number" if "float" in annotation else "a string"
     if lower is not None and upper is not None:
         return f"{kind} between {lower} and {upper}"
@@ -190,9 +307,9 @@ def _field_rule(model: type[BaseModel], name: str) -> str:
     return kind
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+def size_malformed(value: Any) -> InvalidRequest:
+    """The one message for a size that is not HEIGHTxWIDTH at all, on either endpoint."""
+    return InvalidRequest("size", f"size must be HEIGHTxWIDTH, e.g. {DEFAULT_SIZE}, got {quoted(value)}")
 
 
 def validation_error_to_invalid_request(model: type[BaseModel], error: ValidationError) -> InvalidRequest:
@@ -204,6 +321,10 @@ def validation_error_to_invalid_request(model: type[BaseModel], error: Validatio
     if first["type"] == "missing":
         return InvalidRequest(name, f"{name} is required", code="missing_required_parameter")
     value = first.get("input")
+    if first["type"] == "text_encoding":
+        return InvalidRequest(
+            name, f"{name} is not valid Unicode text: it contains a lone surrogate code point; send UTF-8 text"
+        )
     if name == "prompt" and isinstance(value, str):
         if not value.strip():
             return InvalidRequest(name, "prompt must not be blank")
@@ -211,14 +332,20 @@ def validation_error_to_invalid_request(model: type[BaseModel], error: Validatio
             return InvalidRequest(name, f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(value)}")
     if name == "negative_prompt" and isinstance(value, str) and len(value) > MAX_PROMPT_CHARS:
         return InvalidRequest(name, f"negative_prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(value)}")
-    return InvalidRequest(name, f"{name} must be {_field_rule(model, name)}, got {_shown(value)}")
+    if name == "size" and first["type"] == "string_pattern_mismatch":
+        return size_malformed(value)
+    return InvalidRequest(name, f"{name} must be {_field_rule(model, name)}, got {quoted(value)}")
 
 
-def parse_fields(model: type[ImageFields], raw: dict[str, Any]) -> ImageFields:
-    """Validate raw fields; JSON nulls count as absent, so defaults apply."""
-    cleaned = {key: value for key, value in raw.items() if value is not None}
+def parse_fields(model: type[ImageFields], raw: dict[str, Any], *, form: bool = False) -> ImageFields:
+    """Validate raw fields; JSON nulls count as absent, so defaults apply. `form`: the values came from a form (all
+    text), where a boolean may also be written 1 or 0, and an empty field counts as absent: a browser's form (and
+    Swagger UI's) sends every input it shows, "" for one left empty. A blank prompt is still an error of its own."""
+    cleaned = {
+        key: value for key, value in raw.items() if value is not None and not (form and value == "" and key != "prompt")
+    }
     try:
-        return model.model_validate(cleaned)
+        return model.model_validate(cleaned, context={"form": form})
     except ValidationError as exc:
         raise validation_error_to_invalid_request(model, exc) from None
 

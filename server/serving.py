@@ -40,6 +40,7 @@ from server.protocol import (
     Usage,
     parse_fields,
     parse_size,
+    quoted,
 )
 from server.storage import ResultStore
 
@@ -77,7 +78,8 @@ class ImageService:
     def _check_common(self, fields: ImageFields) -> None:
         if fields.model is not None and fields.model not in self.settings.model_names:
             raise ModelNotFound(
-                f"The model {fields.model!r} does not exist; this server serves " + ", ".join(self.settings.model_names)
+                f"The model {quoted(fields.model)} does not exist; this server serves "
+                + ", ".join(self.settings.model_names)
             )
         if fields.n > self.settings.max_n:
             raise InvalidRequest("n", f"n must be an integer between 1 and {self.settings.max_n}, got {fields.n}")
@@ -92,16 +94,34 @@ class ImageService:
         assert isinstance(fields, GenerationsBody)
         self._check_common(fields)
         if fields.size not in self.settings.sizes:
-            raise InvalidRequest(
-                "size", f"size must be one of {', '.join(self.settings.sizes)} (HEIGHTxWIDTH), got {fields.size!r}"
-            )
+            served = ", ".join(self.settings.sizes)
+            raise InvalidRequest("size", f"size must be one of {served} (HEIGHTxWIDTH), got {quoted(fields.size)}")
+        self.check_output_pixels(fields.n, *parse_size(fields.size), param="size")
         return fields
 
-    def parse_edit(self, raw: dict[str, Any]) -> EditsBody:
-        fields = parse_fields(EditsBody, raw)
+    def parse_edit(self, raw: dict[str, Any], *, form: bool = False) -> EditsBody:
+        fields = parse_fields(EditsBody, raw, form=form)
         assert isinstance(fields, EditsBody)
         self._check_common(fields)
         return fields
+
+    def check_output_pixels(self, n: int, height: int, width: int, *, param: str) -> None:
+        """Refuse, before any work, a request whose n images of height x width add up to more than
+        --max-output-pixels; `param` names what sets one image's size (size, or the edited image)."""
+        limit = self.settings.max_output_pixels
+        each = height * width
+        if n * each <= limit:
+            return
+        rule = f"this server makes at most {limit:,} output pixels per request"
+        one = f"{width} pixels wide and {height} high ({each:,} pixels)"
+        if each > limit:
+            source = "an image of that size is" if param == "size" else "the result keeps the input's size,"
+            raise InvalidRequest(param, f"{param} is too large: {source} {one}, and {rule}")
+        raise InvalidRequest(
+            "n",
+            f"n is too large: {n} images {one} each make {n * each:,} pixels, and {rule}; "
+            f"at this size n may be at most {limit // each}",
+        )
 
     def _check_stream(self, fields: ImageFields) -> None:
         if fields.partial_images and not fields.stream:
@@ -175,6 +195,7 @@ class ImageService:
 
     def _edit_request(self, fields: EditsBody, inputs: EditInputs) -> GenerationRequest:
         first = inputs.images[0]
+        self.check_output_pixels(fields.n, first.height, first.width, param="image")
         return self._request(
             fields,
             height=first.height,

@@ -21,6 +21,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from server import images
 from server.auth import require_api_key
 from server.errors import InvalidRequest, NotFound, UnsupportedMediaType
+from server.protocol import QUOTED_CHARS, quoted
 from server.serving import ClientContext, EventStream, ImageSource, ServedImages, server_timing
 
 router = APIRouter()
@@ -52,7 +53,8 @@ def _client(request: Request) -> ClientContext:
         except ValueError:
             timeout = -1.0
         if not 0 < timeout < float("inf"):
-            raise InvalidRequest(TIMEOUT_HEADER, f"{TIMEOUT_HEADER} must be a positive number of seconds, got {raw!r}")
+            message = f"{TIMEOUT_HEADER} must be a positive number of seconds, got {quoted(raw)}"
+            raise InvalidRequest(TIMEOUT_HEADER, message)
     return ClientContext(
         base_url=(public or str(request.base_url)).rstrip("/"),
         timeout=timeout,
@@ -66,6 +68,9 @@ async def _json_object(request: Request) -> dict[str, Any]:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest(None, "The request body is not valid JSON.", code="invalid_json") from None
+    except RecursionError:
+        # The parser recurses once per nesting level; ~1000 levels exhaust the stack (issue 13: this was a 500).
+        raise InvalidRequest(None, "The request body is JSON nested too deeply.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest(None, "The request body must be a JSON object.", code="invalid_json")
     return body
@@ -86,7 +91,8 @@ class _StrictMultiPartParser(MultiPartParser):
             except UnicodeDecodeError:
                 name = part.field_name
                 raise InvalidRequest(
-                    name or None, f"{name or 'a form field'} is not valid {self._charset or 'utf-8'} text"
+                    name[:QUOTED_CHARS] or None,
+                    f"{quoted(name) if name else 'a form field'} is not valid {self._charset or 'utf-8'} text",
                 ) from None
         super().on_part_end()
 
@@ -142,7 +148,8 @@ async def _edit_parts(request: Request) -> tuple[dict[str, Any], list[ImageSourc
         return await _json_object(request), None, None
     if media_type not in FORM_TYPES:
         raise UnsupportedMediaType(
-            f"Content type {media_type or '(none)'} is not accepted here: send multipart/form-data or application/json."
+            f"Content type {quoted(media_type) if media_type else '(none)'} is not accepted here: "
+            "send multipart/form-data or application/json."
         )
     form = await _read_form(request)
     try:
@@ -152,6 +159,9 @@ async def _edit_parts(request: Request) -> tuple[dict[str, Any], list[ImageSourc
         stray_files: list[str] = []
         for key, value in form.multi_items():
             payload = await value.read() if isinstance(value, UploadFile) else value
+            if key in (*IMAGE_PART_NAMES, MASK_PART_NAME) and not payload:
+                # A file input left empty: browsers (and Swagger UI) still send the part, with nothing in it.
+                continue
             if key in IMAGE_PART_NAMES:
                 sources.append(("image", payload))
             elif key == MASK_PART_NAME:
@@ -165,7 +175,7 @@ async def _edit_parts(request: Request) -> tuple[dict[str, Any], list[ImageSourc
     finally:
         await form.close()
     if stray_files:
-        shown = ", ".join(repr(name[:40]) for name in stray_files[:3])
+        shown = ", ".join(quoted(name) for name in stray_files[:3])
         if not sources:
             raise InvalidRequest(
                 "image",
@@ -174,7 +184,7 @@ async def _edit_parts(request: Request) -> tuple[dict[str, Any], list[ImageSourc
                 code="missing_required_parameter",
             )
         raise InvalidRequest(
-            stray_files[0][:40],
+            stray_files[0][:QUOTED_CHARS],
             f"unexpected file part {shown}: files go in image, image[] or mask; other fields are text",
         )
     return fields, sources, mask
@@ -208,7 +218,7 @@ async def edits(request: Request) -> Response:
     if sources is not None and "images" in raw:
         # A form's images (files or base64 text) arrive as parts named image; `images` is the JSON body's shape.
         raise InvalidRequest("images", "in a form, send input images as parts named image or image[]")
-    fields = service.parse_edit(raw)
+    fields = service.parse_edit(raw, form=sources is not None)
     if sources is None:
         sources, mask = service.json_edit_sources(fields)
     # Decoding several 4096x4096 uploads takes a noticeable fraction of a second: keep it off the event loop.

@@ -218,7 +218,7 @@ def test_two_masks_are_refused(client):
 def test_a_misnamed_file_part_is_told_that_image_is_missing(client):
     files = [("file", ("in.png", image_bytes(64, 64), "image/png"))]
     error = assert_error(client.post(EDITS, data=FIELDS, files=files), 400, "image", "missing_required_parameter")
-    assert "'file'" in error["message"] and "named image" in error["message"]
+    assert '"file"' in error["message"] and "named image" in error["message"]
 
 
 def multipart(parts: list[tuple[str, bytes]], *, close: bool = True) -> tuple[bytes, str]:

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.pipelines
 
 def test_pipeline_benchmark_reports_stages_steps_and_baseline(tmp_path):
     out = tmp_path / "pipeline.json"
-    argv = ["--tiny", "--variants", "eager:fp32", "--sizes", "64x64", "--edit-input", "96x64", "--steps", "3",
-            "--repeats", "1", "--baseline", "--peak-tflops", "1", "--out", str(out)]  # fmt: skip
+    argv = ["--tiny", "--variants", "eager:fp32", "--sizes", "64x64", "--edit-input", "64x96", "--steps", "3",
+            "--repeats", "1", "--baseline", "--peak-tflops", "1", "--small-warm-up", "--out", str(out)]  # fmt: skip
     assert pipeline.main(argv) == 0
     report = json.loads(out.read_text())
     variant = report["variants"][0]
@@ -26,6 +26,7 @@ def test_pipeline_benchmark_reports_stages_steps_and_baseline(tmp_path):
         )
         assert len(case["step_ms"]) == 3
         assert case["floor_step_ms"] > 0 and case["transformer_gflop_per_step"] > 0
+    # --edit-input is HEIGHTxWIDTH like every size here: 64 high, 96 wide; working_size is (width, height).
     assert variant["edit"]["working_size"] == [96, 64]
     assert report["baseline_plain_diffusers"]["text_to_image"]["median_total_ms"] > 0
     assert variant["speedup_vs_plain_diffusers"]["edit"] > 0

@@ -39,14 +39,14 @@ def test_defaults_live_in_the_wire_model():
         (
             {"prompt": "x", "response_format": "png"},
             "response_format",
-            "response_format must be one of url, b64_json, got 'png'",
+            'response_format must be one of url, b64_json, got "png"',
         ),
         (
             {"prompt": "x", "text_mode": "sometimes"},
             "text_mode",
-            "text_mode must be a boolean (true or false), got 'sometimes'",
+            'text_mode must be true or false (in a form: true, false, 1 or 0, in any case), got "sometimes"',
         ),
-        ({"prompt": "x", "steps": True}, "steps", "steps must be an integer between 1 and 50, got True"),
+        ({"prompt": "x", "steps": True}, "steps", "steps must be an integer between 1 and 50, got true"),
     ],
 )
 def test_messages_quote_value_and_rule(raw, param, message):
@@ -56,7 +56,7 @@ def test_messages_quote_value_and_rule(raw, param, message):
 
 def test_form_strings_are_coerced():
     fields = parse_fields(
-        EditsBody, {"prompt": "x", "steps": "4", "cfg_scale": "2.5", "text_mode": "TRUE", "seed": "9"}
+        EditsBody, {"prompt": "x", "steps": "4", "cfg_scale": "2.5", "text_mode": "TRUE", "seed": "9"}, form=True
     )
     assert (fields.steps, fields.cfg_scale, fields.text_mode, fields.seed) == (4, 2.5, True, 9)
 
