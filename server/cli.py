@@ -101,8 +101,13 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # diffusers/transformers advice is noise in a server log.
-    for noisy in ("diffusers", "transformers"):
+    # Library advice is noise in a server log: diffusers/transformers tips, and with torchao installed (the fp8
+    # extra) the kernels it cannot load on this machine and torch's notes on the enums it registers, about seven
+    # lines at every start. diffusers and transformers set their own level when first imported (later, on the
+    # loading thread), so their verbosity variables are the switch that holds.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for noisy in ("diffusers", "transformers", "torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

@@ -114,6 +114,11 @@ def test_probes_are_logged_at_debug_and_no_progress_bar_leaks(guarded):
     assert not re.search(r"INFO server\.app: request_id=\S+ method=GET path=/(health|ready)", log)
     # tqdm draws "xx%|####| n/m [..it/s]" while diffusers and transformers save and load the model.
     assert "it/s]" not in log and "%|" not in log, guarded.log_tail()
+    # Nothing reaches the log around our format: not torch's own "W1123 ..." lines, not the library advice that
+    # diffusers and torchao print with their own handlers when torchao (the fp8 extra) is installed.
+    ours = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
+    foreign = [line for line in log.splitlines() if line.strip() and not ours.match(line)]
+    assert not foreign, foreign[:5]
 
 
 # -- against the shared, flag-configured server ------------------------------------------------------------------
