@@ -265,8 +265,15 @@ def test_partial_images_arrive_before_the_result(page, open_server):
     shown = page.evaluate("window.shown")
     assert shown[:2] == ["Preview 1, still being made", "Preview 2, still being made"]
     assert shown[-1] == "Result 1 of 1, seed 21: a storm at sea"
-    # Streamed: no server-timing header, so the page says what it measured itself.
-    assert "first preview after" in page.locator("#results .timing").inner_text()
+    # Streamed: a stream's headers leave before the work is done, so the stages come with the completed event
+    # (previews among them), and the page adds when the first preview arrived.
+    timings = events[-1]["timings"]
+    assert timings["previews"] > 0
+    timing = page.locator("#results .timing")
+    order = ["queue", "encode_prompt", "denoise", "previews", "decode", "encode_image", "total"]
+    assert timing.locator(".timing-list dt").all_inner_texts() == [stage for stage in order if stage in timings]
+    assert timing.locator(".timing-list dd").first.inner_text() == f"{timings['queue']:.1f} ms"
+    assert "first preview after" in timing.inner_text()
 
     # Several images: previews and results for each, in order.
     page.evaluate("window.shown = []")

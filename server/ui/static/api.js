@@ -7,7 +7,7 @@ export const ENDPOINTS = {
 };
 
 // The stages the server reports in its server-timing header, in the order they happen.
-export const STAGES = ["queue", "encode_prompt", "denoise", "decode", "encode_image"];
+export const STAGES = ["queue", "encode_prompt", "denoise", "previews", "decode", "encode_image"];
 
 export class ApiError extends Error {
   constructor(status, error, { retryAfter = null, requestId = null } = {}) {
@@ -165,6 +165,8 @@ export async function runImageRequest(spec, { key, signal, onPartial = () => {} 
     } else if (kind.endsWith(".completed")) {
       images[index] = { b64: data.b64_json, seed: data.seed, index, format: data.output_format || format };
       if (data.usage) usage = data.usage;
+      // A stream's headers leave before the work is done: its stage timings come with the completed event.
+      if (data.timings) Object.assign(timings, data.timings);
     }
   }
   if (!images.length) throw new ApiError(0, { message: "the stream ended before any image arrived" }, { requestId });

@@ -505,20 +505,17 @@ function showPartial(previews, partial, total) {
 
 // -- results --------------------------------------------------------------------------------------
 
-// The server's stage timings (its server-timing header) as a bar and a list. A streamed response has no
-// such header (headers leave before the work is done), so there the page shows what it measured itself.
+// The server's stage timings (its server-timing header, or a streamed response's completed event) as a bar and
+// a list; for a stream also when the first preview arrived, as the page measured it.
 function timingView(entry) {
   const timings = entry.timings;
   const total = timings.total;
+  const measured = [`done after ${(entry.elapsedMs / 1000).toFixed(2)} s`];
+  if (entry.firstPreviewMs !== undefined) measured.unshift(`first preview after ${(entry.firstPreviewMs / 1000).toFixed(2)} s`);
   if (!total) {
-    const measured = [`done after ${(entry.elapsedMs / 1000).toFixed(2)} s`];
-    if (entry.firstPreviewMs !== undefined) measured.unshift(`first preview after ${(entry.firstPreviewMs / 1000).toFixed(2)} s`);
     return element("div", { class: "timing" }, [
       element("p", { class: "timing-title", text: "Time measured by the page" }),
-      element("p", {
-        class: "hint",
-        text: `${measured.join(", ")}. A streamed response carries no server-timing header; turn live previews off to see the server's stages.`,
-      }),
+      element("p", { class: "hint", text: `${measured.join(", ")}; the server sent no stage timings.` }),
     ]);
   }
   const bar = element("div", { class: "timing-bar", "aria-hidden": "true" });
@@ -531,11 +528,9 @@ function timingView(entry) {
     part.style.width = `${(100 * timings[stage]) / total}%`;
     bar.append(part);
   }
-  return element("div", { class: "timing" }, [
-    element("p", { class: "timing-title", text: "Server time" }),
-    bar,
-    list,
-  ]);
+  const parts = [element("p", { class: "timing-title", text: "Server time" }), bar, list];
+  if (entry.firstPreviewMs !== undefined) parts.push(element("p", { class: "hint", text: `In this page: ${measured.join(", ")}.` }));
+  return element("div", { class: "timing" }, parts);
 }
 
 // What the model processed, as the response's usage reports it (tokens: 16x16-pixel patches for images).
