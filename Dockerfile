@@ -18,7 +18,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv curl \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH STEPIMAGE_BACKEND=flux2-klein PIP_NO_CACHE_DIR=1
+# Extras: fp8 (torchao, for --quantize fp8 on Hopper and Ada GPUs) and s3 (boto3, for --storage s3).
+ENV PATH=/opt/venv/bin:$PATH STEPIMAGE_BACKEND=flux2-klein PIP_NO_CACHE_DIR=1 EXTRAS=fp8,s3
 COPY constraints.txt /build/
 COPY scripts/install_torch.py /build/scripts/
 RUN pip install --upgrade pip && python /build/scripts/install_torch.py --build cuda
@@ -30,7 +31,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends curl \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH STEPIMAGE_BACKEND=tiny PIP_NO_CACHE_DIR=1
+# fp8 is refused on a CPU, so only the s3 extra (boto3, for --storage s3).
+ENV PATH=/opt/venv/bin:$PATH STEPIMAGE_BACKEND=tiny PIP_NO_CACHE_DIR=1 EXTRAS=s3
 COPY constraints.txt /build/
 COPY scripts/install_torch.py /build/scripts/
 RUN pip install --upgrade pip && python /build/scripts/install_torch.py --build cpu
@@ -48,7 +50,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 RUN mkdir -p server pipelines weights benchmarks \
     && touch server/__init__.py pipelines/__init__.py weights/__init__.py benchmarks/__init__.py \
-    && pip install -c /build/constraints.txt . && pip uninstall -y stepimage && rm -rf server pipelines weights benchmarks
+    && pip install -c /build/constraints.txt ".[${EXTRAS}]" && pip uninstall -y stepimage \
+    && rm -rf server pipelines weights benchmarks
 COPY server ./server
 COPY pipelines ./pipelines
 COPY weights ./weights

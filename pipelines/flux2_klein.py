@@ -805,7 +805,7 @@ class Flux2KleinBackend:
         progress: Callable[[str], None] | None = None,
         edit_sizes: tuple[tuple[int, int], ...] | None = None,
     ) -> None:
-        """Run every (height, width) once, a batch of two, then two edits, so that no request pays
+        """Run every (height, width) once, a batch of two, a preview, then two edits, so that no request pays
         first-call costs.
 
         With compile on, the first two distinct shapes make torch.compile mark the sequence length
@@ -823,6 +823,13 @@ class Flux2KleinBackend:
             if progress is not None:
                 progress(f"warming up a batch of two {height}x{width}")
             self.generate(GenerationRequest(prompt="warm-up", seed=0, steps=1, height=height, width=width, n=2))
+            if progress is not None:
+                progress(f"warming up a preview {height}x{width}")
+            # Previews decode pooled latents, a shape nothing else decodes: without this the first streamed request
+            # recompiled the VAE decoder (counted with the CPU aot_eager backend in
+            # tests/pipelines/test_klein_masks_references_previews.py).
+            preview = GenerationRequest(prompt="warm-up", seed=0, steps=2, height=height, width=width, partial_images=1)
+            self.generate_batch([preview], None, progress=lambda index, partial: None)
         for width, height in WARM_UP_EDIT_SIZES if edit_sizes is None else edit_sizes:
             if progress is not None:
                 progress(f"warming up edit {width}x{height}")

@@ -33,7 +33,7 @@ from server.engine import ClientGone, Engine
 from server.metrics import Metrics
 from server.openapi import create_documented_app
 from server.protocol import QUOTED_CHARS, quoted
-from server.routes import health, images, models
+from server.routes import health, images, models, ui
 from server.serving import ImageService
 from server.storage import ResultStore, open_store
 
@@ -426,6 +426,8 @@ def create_app(
     app.include_router(images.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    if settings.ui:
+        app.include_router(ui.build_router())
     # Added last = outermost: the id exists before anything else runs, and the body limit applies to all.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, idle_timeout=settings.body_timeout)
     app.add_middleware(ShutdownAnswerMiddleware, state=state)

@@ -146,6 +146,7 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         512, ge=1, description="Open connections served at once; a request on one more gets 503 with Retry-After."
     )
+    ui: bool = Field(True, description="Serve the playground page at / (with --no-ui, / is a 404).")
 
     @field_validator("api_keys", "model_aliases", "extra_sizes", "devices", mode="before")
     @classmethod

@@ -260,6 +260,12 @@ class ImageStreamEvent(BaseModel):
     url: str | None = Field(None, description="Completed events of a response_format=url request.")
     partial_image_index: int | None = Field(None, description="0-based index of a partial image.")
     usage: Usage | None = Field(None, description="On completed events.")
+    timings: dict[str, float] | None = Field(
+        None,
+        description="Extension, on completed events: milliseconds per stage (queue, encode_prompt, denoise, "
+        "previews, decode, encode_image, total), what a response without streaming carries in its server-timing "
+        "header; a stream's headers leave before the work is done.",
+    )
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

@@ -407,6 +407,7 @@ class EventStream:
                 b64_json=item.get("b64_json"),
                 url=item.get("url"),
                 usage=Usage.model_validate(body["usage"]),
+                timings={stage: round(value, 1) for stage, value in served.timings_ms.items()},
             )
             frames.append(_frame(event.type, event.to_wire()))
         return frames

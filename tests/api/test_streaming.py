@@ -55,6 +55,10 @@ def test_generation_streams_partial_images_then_the_completed_image(client):
     assert (completed["type"], completed["seed"], completed["size"]) == ("image_generation.completed", 5, SMALL)
     assert completed["usage"]["output_tokens"] == 16
     assert completed["usage"]["total_tokens"] == completed["usage"]["input_tokens"] + 16
+    # The stages a response without streaming carries in its server-timing header, previews among them.
+    timings = completed["timings"]
+    assert {"queue", "encode_prompt", "denoise", "previews", "decode", "encode_image", "total"} <= set(timings)
+    assert timings["total"] >= timings["denoise"] > 0
     # Streaming changes how the image travels, not the image.
     plain = client.post(
         GENERATIONS, json={"prompt": "a red kite", "size": SMALL, "steps": 4, "seed": 5, "response_format": "b64_json"}

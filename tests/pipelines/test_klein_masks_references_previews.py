@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from pipelines import flux2_klein, masks
+from pipelines.base import GenerationRequest
 from pipelines.flux2_klein import preview_steps
 from tests.conftest import assert_same_image_across_batches
 
@@ -199,3 +200,34 @@ def test_usage_counts_the_prompt_tokens_the_encoder_read(klein_backend, small):
     assert with_cfg["text_tokens"] > short["text_tokens"]
     assert short["output_tokens"] == 16 and short["image_tokens"] == 0
     assert torch.is_tensor(klein_backend.encode_prompt("cat"))
+
+
+def test_previews_masks_and_references_compile_nothing_after_warm_up():
+    """Pooled preview decodes, the masked blend and extra reference tokens must not make a warmed-up compiled server
+    recompile: on a GPU that is seconds of stall on a live request. Counted with the CPU aot_eager backend."""
+    from torch._dynamo.utils import counters
+
+    from pipelines.flux2_klein import RunOptions
+    from pipelines.tiny import load_tiny_backend
+
+    torch._dynamo.reset()
+    compiled = load_tiny_backend(RunOptions(compile=True, compile_backend="aot_eager"))
+    compiled.warm_up([(64, 64), (96, 128)], edit_sizes=((96, 64), (128, 96)))
+    counters.clear()
+    previews = []
+    compiled.generate_batch(
+        [GenerationRequest(prompt="p", seed=1, steps=3, height=128, width=96, partial_images=2)],
+        None,
+        progress=lambda index, partial: previews.append(partial),
+    )
+    source = noise_picture(112, 80)
+    compiled.generate(
+        GenerationRequest(prompt="m", seed=1, steps=2, image=source, mask=box_mask(112, 80, (8, 8, 40, 40)))
+    )
+    compiled.generate(
+        GenerationRequest(
+            prompt="r", seed=1, steps=2, image=source, references=(noise_picture(64, 96), noise_picture(80, 80))
+        )
+    )
+    assert len(previews) == 2
+    assert counters["stats"]["unique_graphs"] == 0

@@ -185,7 +185,7 @@ def test_the_cuda_image_torch_and_driver_agree_and_are_stated():
     # Both bases install torch through the same script and pin, and the app stage keeps it.
     assert DOCKERFILE.count("COPY constraints.txt /build/") == 2
     assert "install_torch.py --build cuda" in DOCKERFILE and "install_torch.py --build cpu" in DOCKERFILE
-    assert "pip install -c /build/constraints.txt ." in DOCKERFILE
+    assert 'pip install -c /build/constraints.txt ".[${EXTRAS}]"' in DOCKERFILE
     for fact in (image, f"CUDA {build['cuda']}", f"{build['min_driver']} or newer", f"({torch_version})"):
         assert fact in README, fact
     assert f"NVIDIA driver {build['min_driver']} or newer" in DOCKERFILE
@@ -266,3 +266,17 @@ def test_readme_states_the_exit_statuses_and_new_options():
     for flag in ("--header-timeout", "--body-timeout", "--keep-alive-timeout", "--max-connections"):
         default = Settings.model_fields[flag[2:].replace("-", "_")].default
         assert f"| `{flag}` | {default:g} |" in README, flag
+
+
+def test_each_image_installs_extras_the_project_has():
+    """The CUDA image carries what --quantize fp8 and --storage s3 need; the CPU image what --storage s3 needs."""
+    import re
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    per_variant = dict(re.findall(r"^FROM \S+ AS (\w+)-base$.*?EXTRAS=(\S+)$", DOCKERFILE, flags=re.M | re.S))
+    assert set(per_variant) == {"cuda", "cpu"}, per_variant
+    assert set(per_variant["cuda"].split(",")) == {"fp8", "s3"}
+    assert set(per_variant["cpu"].split(",")) == {"s3"}
+    for names in per_variant.values():
+        assert set(names.split(",")) <= set(extras)
