@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pipelines.base import Backend, Cancelled, GenerationRequest, GenerationResult, PartialImages
+from server import images
 from server.errors import ApiError, NotReady, Overloaded, Timeout
 from server.metrics import Metrics
 
@@ -54,6 +56,28 @@ class EngineResult:
     queue_ms: float
     batch_images: int
     device: str
+    # The images already encoded as the submit's `encoding` asked, when the engine did it (then `result.images`
+    # may be empty): see Engine.submit.
+    encoded: list[bytes] | None = None
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How the client wants its images encoded: output_format and its quality (output_compression)."""
+
+    format: str
+    quality: int | None = None
+
+
+def encode_outcome(outcome: EngineResult, encoding: Encoding) -> EngineResult:
+    """The outcome with its images encoded as `encoding` asks and its pixels dropped; the time it took is the
+    result's encode_image stage."""
+    started = time.perf_counter()
+    pictures = outcome.result.images
+    encoded = [images.encode_image(picture, encoding.format, encoding.quality) for picture in pictures]
+    timings = {**outcome.result.timings_ms, "encode_image": (time.perf_counter() - started) * 1000}
+    result = dataclasses.replace(outcome.result, images=[], timings_ms=timings)
+    return dataclasses.replace(outcome, result=result, encoded=encoded)
 
 
 @dataclass(eq=False)
@@ -232,9 +256,15 @@ class Engine:
         timeout: float | None = None,
         disconnected: Callable[[], Awaitable[bool]] | None = None,
         on_partial: Callable[[PartialImages], None] | None = None,
+        encoding: Encoding | None = None,
     ) -> EngineResult:
         """Queue `request` and wait for its result. `on_partial` receives its previews (see
-        `GenerationRequest.partial_images`) on the event loop while it runs."""
+        `GenerationRequest.partial_images`) on the event loop while it runs.
+
+        `encoding` says how the caller will encode the images. An engine whose results cross processes encodes them
+        where they are made, so that bytes rather than pixels travel (`EngineResult.encoded`); this one leaves the
+        pixels to the caller, which encodes them off the event loop while the device's worker moves on to its
+        next batch."""
         if not self._accepting:
             raise NotReady("The server is shutting down; retry shortly.", retry_after=5)
         if not self.workers:

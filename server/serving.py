@@ -26,7 +26,7 @@ from PIL import Image
 from pipelines.base import GenerationRequest, PartialImages
 from server import errors, images
 from server.config import Settings
-from server.engine import Engine
+from server.engine import Encoding, Engine
 from server.errors import InvalidRequest, ModelNotFound
 from server.metrics import Metrics
 from server.protocol import (
@@ -176,12 +176,14 @@ class ImageService:
 
     # -- running ---------------------------------------------------------------------------------
 
-    def _encode_all(
-        self, fields: ImageFields, seeds: list[int], pictures: list[Image.Image], base_url: str
-    ) -> list[ImageData]:
+    @staticmethod
+    def _encode(fields: ImageFields, pictures: list[Image.Image]) -> list[bytes]:
+        return [images.encode_image(picture, fields.output_format, fields.output_compression) for picture in pictures]
+
+    def _deliver(self, fields: ImageFields, seeds: list[int], payloads: list[bytes], base_url: str) -> list[ImageData]:
+        """Each encoded image inline (b64_json) or stored behind a URL."""
         data = []
-        for seed_used, picture in zip(seeds, pictures):
-            payload = images.encode_image(picture, fields.output_format, fields.output_compression)
+        for seed_used, payload in zip(seeds, payloads):
             if fields.response_format == "b64_json":
                 data.append(ImageData(seed=seed_used, b64_json=base64.b64encode(payload).decode("ascii")))
             else:
@@ -246,15 +248,25 @@ class ImageService:
             # Refused before the engine: no compute is spent on a result that could not be stored.
             self.store.require_healthy()
         outcome = await self.engine.submit(
-            request, timeout=client.timeout, disconnected=client.disconnected, on_partial=on_partial
+            request,
+            timeout=client.timeout,
+            disconnected=client.disconnected,
+            on_partial=on_partial,
+            encoding=Encoding(fields.output_format, fields.output_compression),
         )
         result = outcome.result
 
         encode_started = time.perf_counter()
-        # PNG/JPEG encoding of several megapixels is CPU work: keep it off the event loop.
-        data = await asyncio.to_thread(self._encode_all, fields, result.seeds, result.images, client.base_url)
+
+        def deliver() -> list[ImageData]:
+            # PNG/JPEG encoding of several megapixels is CPU work: keep it off the event loop.
+            payloads = outcome.encoded if outcome.encoded is not None else self._encode(fields, result.images)
+            return self._deliver(fields, result.seeds, payloads, client.base_url)
+
+        data = await asyncio.to_thread(deliver)
         timings = {"queue": outcome.queue_ms, **result.timings_ms}
-        timings["encode_image"] = (time.perf_counter() - encode_started) * 1000
+        # An engine that encoded the images itself reported that time as encode_image: both parts count.
+        timings["encode_image"] = timings.get("encode_image", 0.0) + (time.perf_counter() - encode_started) * 1000
         timings["total"] = (time.perf_counter() - started) * 1000
 
         self.metrics.images.labels(kind).inc(len(data))
@@ -270,7 +282,8 @@ class ImageService:
             data=data,
             usage=usage,
             output_format=fields.output_format,
-            size=_size_of(result.images[0]),
+            # An edit's images have its input's size, which is the request's.
+            size=f"{request.height}x{request.width}",
         ).to_wire()
         return ServedImages(body=body, timings_ms=timings)
 

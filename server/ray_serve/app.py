@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pipelines.base import BackendInfo, GenerationRequest
 from server.config import Settings
-from server.engine import Engine
+from server.engine import Encoding, Engine, encode_outcome
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.ray_serve.options import RayAppOptions
@@ -111,8 +111,13 @@ class StepImageModel:
         info = backend.info
         logger.info("model replica %s ready on %s: backend=%s model=%s", self.replica, device, info.backend, info.model)
 
-    async def run(self, request: GenerationRequest, timeout: float, previews: bool) -> AsyncIterator[Any]:
+    async def run(
+        self, request: GenerationRequest, timeout: float, previews: bool, encoding: Encoding | None = None
+    ) -> AsyncIterator[Any]:
         """Queue one request on this replica's engine; yield its previews, then the result or the error.
+
+        With an `encoding` the result's images travel encoded, as a few hundred kB of bytes rather than megabytes
+        of pixels: a 1024x1024 result cost the ingress about 8 ms more as pixels (stepimage bench ray, 2-core CPU).
 
         When the caller cancels (client gone, deadline), Serve cancels this generator: the engine's job is
         cancelled with it, leaving the queue or stopping its batch at the next denoising step.
@@ -139,6 +144,8 @@ class StepImageModel:
                 logger.exception("model replica %s: the request failed", self.replica)
                 yield Crashed(self.replica)
                 return
+            if encoding is not None:
+                outcome = await asyncio.to_thread(encode_outcome, outcome, encoding)
             yield Done(outcome, self.replica)
         finally:
             if not job.done():

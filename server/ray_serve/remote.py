@@ -1,6 +1,6 @@
 """`RemoteEngine`: the engine the ingress's app serves through, backed by the model replicas.
 
-It has the local Engine's interface (`submit(request, *, timeout, disconnected, on_partial)`, drain,
+It has the local Engine's interface (`submit(request, *, timeout, disconnected, on_partial, encoding)`, drain,
 outstanding) so `create_app` and `ImageService` run unchanged, but each request goes over a Serve
 handle to a model replica, whose own Engine queues, batches and runs it. The call is a stream: the
 replica yields each preview, then the result (or the API error it met), so streamed partial images
@@ -46,7 +46,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from pipelines.base import BackendInfo, GenerationRequest
-from server.engine import ClientGone, EngineResult
+from server.engine import ClientGone, Encoding, EngineResult
 from server.errors import ApiError, NotReady, Overloaded, Timeout
 from server.metrics import Metrics
 
@@ -237,6 +237,7 @@ class RemoteEngine:
         timeout: float | None = None,
         disconnected: Callable[[], Awaitable[bool]] | None = None,
         on_partial: Callable[[Any], None] | None = None,
+        encoding: Encoding | None = None,
     ) -> EngineResult:
         if not self._accepting:
             raise NotReady("The server is shutting down; retry shortly.", retry_after=5)
@@ -248,7 +249,7 @@ class RemoteEngine:
             )
         limit = self.request_timeout if timeout is None else min(timeout, self.request_timeout)
         self._count(request, +1)
-        call = asyncio.create_task(self._call(request, limit, on_partial))
+        call = asyncio.create_task(self._call(request, limit, on_partial, encoding))
         self._calls.add(call)
         gone = asyncio.create_task(_until_disconnected(disconnected)) if disconnected is not None else None
         try:
@@ -344,14 +345,18 @@ class RemoteEngine:
             self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * per_image
 
     async def _call(
-        self, request: GenerationRequest, limit: float, on_partial: Callable[[Any], None] | None
+        self,
+        request: GenerationRequest,
+        limit: float,
+        on_partial: Callable[[Any], None] | None,
+        encoding: Encoding | None,
     ) -> EngineResult:
         deadline = time.monotonic() + limit
         shown = -1  # the highest preview index passed on, so that a resent request repeats none
         attempt = 0
         while True:
             remaining = max(0.001, deadline - time.monotonic())
-            stream = getattr(self._stream, RUN_METHOD).remote(request, remaining, on_partial is not None)
+            stream = getattr(self._stream, RUN_METHOD).remote(request, remaining, on_partial is not None, encoding)
             finished = False
             try:
                 async for message in stream:

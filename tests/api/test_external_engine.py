@@ -7,13 +7,15 @@ with a readiness the test sets; tests/ray runs the real RemoteEngine on a Ray cl
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from fastapi.testclient import TestClient
 
 from server import app as app_module
 from server.app import create_app
 from server.config import Settings
-from server.engine import Engine
+from server.engine import Engine, encode_outcome
 from server.metrics import Metrics
 from tests.api.conftest import SMALL
 from tests.conftest import metric, wait_for
@@ -38,9 +40,12 @@ class EngineBehindTheInterface:
     def outstanding(self) -> int:
         return self.inner.outstanding
 
-    async def submit(self, request, *, timeout=None, disconnected=None, on_partial=None):
+    async def submit(self, request, *, timeout=None, disconnected=None, on_partial=None, encoding=None):
         self.submitted += 1
-        return await self.inner.submit(request, timeout=timeout, disconnected=disconnected)
+        outcome = await self.inner.submit(request, timeout=timeout, disconnected=disconnected)
+        # As a remote engine does: the images come back encoded, and the app serves those bytes.
+        self.sent = encode_outcome(outcome, encoding)
+        return self.sent
 
     async def ready(self) -> bool:
         if not self.inner.workers:
@@ -82,6 +87,8 @@ def test_the_app_follows_the_engines_readiness_and_serves_through_it(external, t
         assert response.status_code == 200, response.text
         assert response.json()["data"][0]["seed"] == 3
         assert external.submitted == 1
+        assert base64.b64decode(response.json()["data"][0]["b64_json"]) == external.sent.encoded[0]
+        assert response.json()["size"] == SMALL
         # The app's metrics are the engine's: one registry, counted by both.
         assert external.metrics.images.labels("generation")._value.get() == 1
         assert metric(client, 'stepimage_images_generated_total{kind="generation"}') == 1

@@ -57,12 +57,14 @@ class Handle:
     def __init__(self) -> None:
         self.plans: list[dict] = []
         self.streams: list[Stream] = []
+        self.encodings: list = []
         self.run = self
 
     def options(self, **_):
         return self
 
-    def remote(self, request, timeout, previews):
+    def remote(self, request, timeout, previews, encoding=None):
+        self.encodings.append(encoding)
         stream = Stream(**self.plans.pop(0))
         self.streams.append(stream)
         return stream
@@ -142,3 +144,39 @@ def test_a_request_whose_replica_died_is_resent_without_repeating_a_preview():
         assert remote.replica_requests.labels("r2")._value.get() == 1
 
     asyncio.run(scenario())
+
+
+def test_the_result_travels_encoded_as_the_client_asked():
+    """The replica encodes where the pixels are, so bytes, not megabytes of pixels, cross to the ingress."""
+    import io
+
+    from PIL import Image
+
+    from server.engine import Encoding, encode_outcome
+
+    request = GenerationRequest(prompt="x", seed=1, height=64, width=96)
+    made = EngineResult(
+        result=GenerationResult(
+            images=[Image.new("RGB", (96, 64), (10, 200, 30))], seeds=[1], timings_ms={"denoise": 5.0}
+        ),
+        queue_ms=0.0,
+        batch_images=1,
+        device="cpu",
+    )
+    sent = encode_outcome(made, Encoding("jpeg", 80))
+    assert sent.result.images == [] and len(sent.encoded) == 1
+    picture = Image.open(io.BytesIO(sent.encoded[0]))
+    assert (picture.format, picture.size) == ("JPEG", (96, 64))
+    assert sent.result.timings_ms["encode_image"] >= 0 and sent.result.timings_ms["denoise"] == 5.0
+
+    async def scenario():
+        handle = Handle()
+        handle.plans.append({"messages": [Done(sent, "replica-1")], "hold": None, "die_after": None})
+        engine = RemoteEngine(handle, request_timeout=10, per_replica=2, router_queue=0)
+        engine._replicas = 1
+        outcome = await engine.submit(request, encoding=Encoding("jpeg", 80))
+        return handle, outcome
+
+    handle, outcome = asyncio.run(scenario())
+    assert handle.encodings == [Encoding("jpeg", 80)]
+    assert outcome.encoded == sent.encoded
