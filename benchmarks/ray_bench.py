@@ -9,6 +9,9 @@ process, `torch_threads: 1` for each model replica):
    the added latency is the Ray path's median overhead minus the single process's.
 2. **Images per second** with one and with two model replicas: a closed loop of `--concurrency`
    clients against the Ray application, after a warm-up.
+3. **What the cores allow**: the same closed loop against one `stepimage serve` process, then against
+   two at once (half the clients each). Two processes that share nothing but the machine are the most
+   that two replicas could give here; the Ray figure is read against that ceiling.
 
 Requests are 1024x1024 generations, `response_format=b64_json`, `output_format=jpeg` by default. Other
 work on the machine slows everything down: the report records `uptime` before and after.
@@ -151,6 +154,25 @@ def closed_loop(base_url: str, body: dict[str, Any], concurrency: int, requests:
     }
 
 
+def two_processes(bases: list[str], body: dict[str, Any], concurrency: int, requests: int) -> dict[str, Any]:
+    """The closed loop against each of two servers at once, half the clients and requests each."""
+    points: list[dict[str, Any]] = [{}, {}]
+
+    def drive(index: int) -> None:
+        points[index] = closed_loop(bases[index], body, max(1, concurrency // 2), max(2, requests // 2), 1)
+
+    threads = [threading.Thread(target=drive, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    rates = [point.get("images_per_s") for point in points]
+    return {
+        "images_per_s": round(sum(rates), 4) if all(rates) else None,
+        "per_process": points,
+    }
+
+
 def ray_args(size: str, storage: Path, replicas: int) -> dict[str, Any]:
     extra = [] if size in DEFAULT_SIZES else [size]
     return {
@@ -211,8 +233,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 single.close()
                 ray_client.close()
+            second_port = _free_port()
+            second = start_server(second_port, tmp_path / "second-files", tmp_path / "second.log", args.size)
+            try:
+                wait_ready(f"http://127.0.0.1:{second_port}", second)
+                alone = closed_loop(single_base, body, args.concurrency, args.throughput_requests, 2)
+                both = two_processes([single_base, f"http://127.0.0.1:{second_port}"], body, args.concurrency,
+                                     args.throughput_requests)  # fmt: skip
+            finally:
+                second.terminate()
+                second.wait(60)
             process.terminate()
             process.wait(60)
+            report["ceiling"] = {"1_process": alone, "2_processes": both}
+            if alone["images_per_s"] and both["images_per_s"]:
+                report["ceiling_2_over_1"] = round(both["images_per_s"] / alone["images_per_s"], 3)
             throughput = {}
             for replicas in (1, 2):
                 if replicas > 1:
@@ -253,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         f"added overhead p50 {latency['added_overhead_ms_p50']} ms (latency p50 single "
         f"{latency['single']['latency_ms']['p50']} ms, ray {latency['ray']['latency_ms']['p50']} ms)\n"
         f"images/s: 1 replica {report['throughput']['1_replicas']['images_per_s']}, 2 replicas "
-        f"{report['throughput']['2_replicas']['images_per_s']} (x{report['scaling_2_over_1']})\n"
+        f"{report['throughput']['2_replicas']['images_per_s']} (x{report['scaling_2_over_1']}); two "
+        f"stepimage serve processes on the same cores: x{report.get('ceiling_2_over_1')}\n"
         f"load: {report['uptime_before']} / {report['uptime_after']}\n"
     )
     return 0
