@@ -20,8 +20,9 @@ What it keeps of the contract across processes and hosts:
   its batch at the next denoising step (the replica also gets the remaining deadline, in case the
   cancellation itself is lost).
 - **Replica faults**: a replica that dies while holding a request (a crash, a lost host, `ray.kill`)
-  does not lose it: the request is sent again, to another replica, up to `retries` times within its
-  deadline. Previews already passed on are not repeated.
+  or becomes unreachable does not lose it: the call to it is cancelled and the request is sent again,
+  to another replica, up to `retries` times within its deadline. Previews already passed on are not
+  repeated.
 - **Readiness**: ready while at least one model replica is running (loaded and warm), as Serve's
   controller reports it.
 """
@@ -151,6 +152,14 @@ async def _until_disconnected(disconnected: Callable[[], Awaitable[bool]]) -> No
 
     while not await disconnected():
         await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+
+
+def _cancel(stream: Any) -> None:
+    """Cancel a call to a model replica, best effort: a replica that is gone has nothing left to stop."""
+    try:
+        stream.cancel()
+    except Exception as exc:  # noqa: BLE001 - the call is abandoned either way
+        logger.debug("could not cancel a call to a model replica: %s", exc)
 
 
 class RemoteEngine:
@@ -384,9 +393,10 @@ class RemoteEngine:
                 finished = True
                 raise NotReady("No model replica is available; retry shortly.", retry_after=5) from None
             except RayActorError as exc:
-                # The replica died (or became unreachable) holding this request: Serve takes it out of
-                # rotation, so sending the request again reaches another replica.
-                finished = True
+                # The replica died, or became unreachable holding this request (ActorUnavailableError, a subclass:
+                # a network blip, after which the call may still be running there). Serve takes it out of rotation,
+                # so sending the request again reaches another replica; `finally` cancels this call first, so that
+                # a replica still running it does not do the work twice, for nobody, outside this ingress's count.
                 if attempt >= self.retries:
                     raise ModelReplicaFailed(f"the model replica stopped {attempt + 1} time(s): {exc}") from None
                 attempt += 1
@@ -394,7 +404,7 @@ class RemoteEngine:
                 logger.warning("a model replica stopped while running a request; sending it again (%d)", attempt)
             finally:
                 if not finished:
-                    stream.cancel()
+                    _cancel(stream)
 
     def _refused(self, refused: Refused) -> ApiError:
         error = refused.rebuild()

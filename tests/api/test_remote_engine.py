@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[ray]'")
 
-from ray.exceptions import ActorDiedError  # noqa: E402
+from ray.exceptions import ActorDiedError, ActorUnavailableError  # noqa: E402
 
 from pipelines.base import GenerationRequest, GenerationResult, PartialImages  # noqa: E402
 from server.engine import EngineResult  # noqa: E402
@@ -24,10 +24,11 @@ pytestmark = pytest.mark.api
 class Stream:
     """What `handle.options(stream=True).run.remote(...)` returns: an async iterator of the replica's messages."""
 
-    def __init__(self, messages, hold: asyncio.Event | None, die_after: int | None) -> None:
+    def __init__(self, messages, hold: asyncio.Event | None, die_after: int | None, fault=ActorDiedError) -> None:
         self.messages = list(messages)
         self.hold = hold
         self.die_after = die_after
+        self.fault = fault  # what the call raises when its replica is lost
         self.cancelled = False
 
     def __aiter__(self):
@@ -35,7 +36,7 @@ class Stream:
 
     async def __anext__(self):
         if self.die_after is not None and self.die_after == 0:
-            raise ActorDiedError()
+            raise self.fault()
         if self.hold is not None and len(self.messages) <= 1:
             await self.hold.wait()  # the result waits for the test
         if not self.messages:
@@ -142,6 +143,27 @@ def test_a_request_whose_replica_died_is_resent_without_repeating_a_preview():
         assert seen == [0, 1]
         assert remote.replica_retries._value.get() == 1
         assert remote.replica_requests.labels("r2")._value.get() == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_call_whose_replica_became_unreachable_is_cancelled_before_the_request_is_resent():
+    """ActorUnavailableError (a network blip) leaves the first call possibly running on its replica: it is cancelled,
+    so the image is not made twice, once for nobody."""
+
+    async def scenario():
+        handle = Handle()
+        remote = engine(handle)
+        unreachable = {"fault": lambda: ActorUnavailableError("the replica is unreachable", None)}
+        handle.plans = [
+            {"messages": [], "hold": None, "die_after": 0, **unreachable},
+            {"messages": [Done(outcome(REQUEST), "r2")], "hold": None, "die_after": None},
+        ]
+        answer = await remote.submit(REQUEST)
+        assert answer.result.seeds == [1]
+        first, second = handle.streams
+        assert first.cancelled and not second.cancelled
+        assert remote.replica_retries._value.get() == 1
 
     asyncio.run(scenario())
 
