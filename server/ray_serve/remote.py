@@ -24,7 +24,7 @@ What it keeps of the contract across processes and hosts:
   to another replica, up to `retries` times within its deadline. Previews already passed on are not
   repeated.
 - **Readiness**: ready while at least one model replica is running (loaded and warm), as Serve's
-  controller reports it.
+  controller reports it; while none is, requests get 503 `not_ready` at once.
 """
 
 from __future__ import annotations
@@ -250,6 +250,10 @@ class RemoteEngine:
     ) -> EngineResult:
         if not self._accepting:
             raise NotReady("The server is shutting down; retry shortly.", retry_after=5)
+        if not self._replicas:
+            # Starting, or every replica failed: as the local Engine while its model loads, 503 at once, rather than
+            # a wait at Serve's router until the deadline. min_model_replicas >= 1: no scale-from-zero to wait for.
+            raise NotReady("No model replica is running yet; retry shortly.", retry_after=5)
         if self._outstanding_requests >= self.admission_limit:
             self.metrics.rejections.inc()
             raise Overloaded(

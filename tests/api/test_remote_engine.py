@@ -110,6 +110,21 @@ def test_the_ingress_holds_its_share_of_the_replicas_plus_the_router_queue_then_
     asyncio.run(scenario())
 
 
+def test_with_no_model_replica_running_a_request_gets_503_at_once_and_reaches_no_replica():
+    async def scenario():
+        handle = Handle()
+        remote = engine(handle, replicas=0)  # starting, or every replica failed
+        with pytest.raises(NotReady) as refused:
+            await remote.submit(REQUEST)
+        assert (refused.value.status, refused.value.retry_after) == (503, 5)
+        assert handle.streams == [] and remote.outstanding == 0
+        remote._replicas = 1  # a replica came up
+        handle.plans = [{"messages": [Done(outcome(REQUEST), "r1")], "hold": None, "die_after": None}]
+        assert (await remote.submit(REQUEST)).result.seeds == [1]
+
+    asyncio.run(scenario())
+
+
 def test_fail_all_answers_every_request_under_way_and_cancels_its_stream():
     async def scenario():
         handle, hold = Handle(), asyncio.Event()
