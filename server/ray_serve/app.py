@@ -125,6 +125,7 @@ class StepImageModel:
         partials: asyncio.Queue = asyncio.Queue()
         options = {"on_partial": partials.put_nowait} if previews else {}
         job = asyncio.ensure_future(self.engine.submit(request, timeout=timeout, **options))
+        waiting: asyncio.Future | None = None
         try:
             while not job.done():
                 waiting = asyncio.ensure_future(partials.get())
@@ -148,8 +149,10 @@ class StepImageModel:
                 outcome = await asyncio.to_thread(encode_outcome, outcome, encoding)
             yield Done(outcome, self.replica)
         finally:
-            if not job.done():
-                job.cancel()
+            # Cancelled (the caller went away) while waiting: neither the job nor the wait for a preview runs on.
+            for task in (job, waiting):
+                if task is not None and not task.done():
+                    task.cancel()
 
     def describe(self) -> BackendInfo:
         return self.engine.backend.info

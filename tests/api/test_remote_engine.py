@@ -217,3 +217,47 @@ def test_the_result_travels_encoded_as_the_client_asked():
     handle, outcome = asyncio.run(scenario())
     assert handle.encodings == [Encoding("jpeg", 80)]
     assert outcome.encoded == sent.encoded
+
+
+def test_a_model_replica_call_cancelled_while_waiting_leaves_no_task_behind():
+    """Serve cancels the replica's generator when the caller goes away; the job and the wait for its next preview
+    both stop (a wait left pending is destroyed later with "Task was destroyed but it is pending!")."""
+    from server.ray_serve.app import StepImageModel
+
+    class Engine:
+        """Holds the job until it is cancelled, as a job waiting in a full queue does."""
+
+        def __init__(self) -> None:
+            self.cancelled = asyncio.Event()
+
+        async def submit(self, request, *, timeout, on_partial=None):
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+
+    async def scenario():
+        class Replica(StepImageModel.func_or_class):
+            def __init__(self) -> None:  # the model's run() alone, over the engine above
+                self.engine, self.replica = Engine(), "r1"
+
+            def __del__(self) -> None:  # Serve awaits the real one at shutdown; there is nothing to drain here
+                pass
+
+        model = Replica()
+
+        async def consume():
+            async for _ in model.run(REQUEST, 30.0, True):
+                pass
+
+        caller = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await asyncio.sleep(0)
+        assert model.engine.cancelled.is_set()
+        assert [task for task in asyncio.all_tasks() if task is not asyncio.current_task()] == []
+
+    asyncio.run(scenario())
