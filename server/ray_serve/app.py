@@ -206,6 +206,7 @@ def build_app(args: dict[str, Any]) -> Application:
         )
     shutdown = {"graceful_shutdown_timeout_s": settings.drain_timeout + SHUTDOWN_GRACE_S}
     router_queue = options.queue_at_router(settings)
+    replica_settings = options.replica_settings(settings)
     model = StepImageModel.options(
         ray_actor_options={"num_cpus": options.model_cpus, "num_gpus": options.model_gpus},
         max_ongoing_requests=settings.max_queue,
@@ -215,11 +216,11 @@ def build_app(args: dict[str, Any]) -> Application:
         health_check_timeout_s=options.health_check_timeout_s,
         **options.replica_counts(),
         **shutdown,
-    ).bind(options.settings, options.threads, options.backend_loader)
+    ).bind(replica_settings, options.threads, options.backend_loader)
     ingress_capacity = options.model_capacity(settings) + router_queue + INGRESS_HEADROOM
     return StepImageIngress.options(
         num_replicas=options.ingress_replicas,
         ray_actor_options={"num_cpus": options.ingress_cpus},
         max_ongoing_requests=ingress_capacity,
         **shutdown,
-    ).bind(options.settings, model, router_queue, options.retries)
+    ).bind(replica_settings, model, router_queue, options.retries)

@@ -13,7 +13,9 @@ a message naming it, rather than being ignored or failing later on a replica.
 Settings are the same fields as `server.config.Settings` (flag `--max-queue` is `max_queue`). Each replica
 builds its Settings from these values and its own STEPIMAGE_* environment variables for the rest (the
 values here win, as flags do), so secrets such as STEPIMAGE_API_KEYS can come from the environment of
-the hosts (a Kubernetes Secret) instead of the config file.
+the hosts (a Kubernetes Secret) instead of the config file. The settings that size the deployments
+(`DEPLOYMENT_SETTINGS`) are the exception: they are resolved once, where the application is built, and
+every replica gets those values.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ from server.config import Settings
 # Settings of `stepimage serve`'s own HTTP server. Under Ray Serve its proxy serves HTTP, configured by the
 # config file's http_options; accepting them here would ignore them silently.
 SERVE_OWNED_SETTINGS = ("host", "port", "header_timeout", "keep_alive_timeout", "max_connections")
+
+
+# Settings the deployments are sized by: build_app turns max_queue into Serve's bounds and drain_timeout into its
+# shutdown timeout, and the replicas' engines and the ingress's admission must use the same values as those bounds
+# (request_timeout and max_batch_size too: the model replica's engine bound is max_queue + max_batch_size, and the
+# ingress's deadline must be the replicas'). They are resolved where the application is built and passed to every
+# replica explicitly, so that a host whose STEPIMAGE_* environment differs cannot disagree with the deployment.
+DEPLOYMENT_SETTINGS = ("max_queue", "max_batch_size", "request_timeout", "drain_timeout")
 
 
 class RayAppOptions(BaseModel):
@@ -111,6 +121,12 @@ class RayAppOptions(BaseModel):
     def build_settings(self) -> Settings:
         """The Settings as a replica sees them (these values, then its STEPIMAGE_* environment)."""
         return Settings(**self.settings)
+
+    def replica_settings(self, settings: Settings) -> dict[str, Any]:
+        """What each replica builds its Settings from: the file's settings, and the deployment-sizing ones as
+        `settings` (this build's) resolved them. Everything else, secrets included, still comes from the file or
+        each host's environment (nothing is copied from the build's environment)."""
+        return {**self.settings, **{name: getattr(settings, name) for name in DEPLOYMENT_SETTINGS}}
 
     @property
     def threads(self) -> int:

@@ -21,8 +21,8 @@ from ray.serve import Application  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from server.config import Settings  # noqa: E402
-from server.ray_serve.app import StepImageIngress, StepImageModel, build_app  # noqa: E402
-from server.ray_serve.options import RayAppOptions  # noqa: E402
+from server.ray_serve.app import SHUTDOWN_GRACE_S, StepImageIngress, StepImageModel, build_app  # noqa: E402
+from server.ray_serve.options import DEPLOYMENT_SETTINGS, RayAppOptions  # noqa: E402
 from server.ray_serve.remote import _image_from_payload, _image_payload  # noqa: E402
 
 pytestmark = pytest.mark.unit
@@ -186,6 +186,39 @@ def test_the_deployments_get_the_admission_bounds_from_the_settings():
     assert model.ray_actor_options["num_gpus"] == 1
     # The ingress is never the one that is full: it holds the model tier's capacity and more.
     assert ingress.max_ongoing_requests > 2 * 3 + 5
+
+
+def test_replicas_get_the_bounds_the_deployment_was_built_with_and_secrets_from_their_own_host(monkeypatch):
+    """Serve's bounds come from the settings where the application is built; a replica on a host whose STEPIMAGE_*
+    environment differs must still use the same ones, while keys stay each host's and never enter the arguments."""
+    built_with = {"MAX_QUEUE": "3", "MAX_BATCH_SIZE": "2", "REQUEST_TIMEOUT": "90", "DRAIN_TIMEOUT": "7"}
+    for name, value in {**built_with, "API_KEYS": "build-host-key"}.items():
+        monkeypatch.setenv(f"STEPIMAGE_{name}", value)
+    app = build_app({"settings": {"backend": "tiny"}, "min_model_replicas": 2})
+    ingress = app._bound_deployment
+    model = ingress.init_args[1]._bound_deployment
+    assert model.max_ongoing_requests == 3 and ingress.init_args[2] == 3  # sized by the build's max_queue
+    assert model._deployment_config.graceful_shutdown_timeout_s == 7 + SHUTDOWN_GRACE_S
+
+    # A replica's host: other bounds and its own key in its environment.
+    for name, value in {
+        "MAX_QUEUE": "16",
+        "MAX_BATCH_SIZE": "8",
+        "REQUEST_TIMEOUT": "600",
+        "DRAIN_TIMEOUT": "60",
+    }.items():
+        monkeypatch.setenv(f"STEPIMAGE_{name}", value)
+    monkeypatch.setenv("STEPIMAGE_API_KEYS", "replica-host-key")
+    for bound in (model.init_args[0], ingress.init_args[0]):
+        assert set(bound) == {"backend", *DEPLOYMENT_SETTINGS}
+        replica = Settings(**bound)
+        assert (replica.max_queue, replica.max_batch_size, replica.request_timeout, replica.drain_timeout) == (
+            3,
+            2,
+            90,
+            7,
+        )
+        assert replica.backend == "tiny" and replica.api_keys == ["replica-host-key"]
 
 
 # -- images between processes ----------------------------------------------------------------------------
