@@ -36,10 +36,16 @@ from server.ray_serve.remote import Crashed, Done, Preview, Refused, RemoteEngin
 
 logger = logging.getLogger(__name__)
 
-# Room at the ingress, beyond the model tier's capacity, for requests that never reach a model (/health,
-# /ready, /metrics, files, refusals): the ingress must never be the one that is full, or Serve's proxy
-# would answer with its own bare 503 instead of our 429.
-INGRESS_HEADROOM = 64
+# Room at an ingress replica, beyond the model tier's capacity, for requests that never reach a model: probes,
+# /metrics, refusals, and /v1/images/files/ downloads, which hold their slot for as long as a slow client reads.
+# Each is a coroutine on the ingress's event loop with no model work, so the room is generous: the ingress must
+# never be the one that is full, or clients would wait at Serve's proxy and then get its answer instead of our 429.
+INGRESS_HEADROOM = 1024
+# Were an ingress full anyway, Serve's default max_queued_requests (-1) would have each proxy hold the requests for
+# it without bound and without a word. Bounded at the ingress's own size (Serve counts a request as queued while it
+# picks a replica, so a smaller bound could refuse a burst the ingress has room for), a request past it gets the
+# proxy's plain-text 503 with this Retry-After.
+INGRESS_RETRY_AFTER_S = 5
 # Beyond --drain-timeout, the seconds Serve gives a replica to stop before it is killed.
 SHUTDOWN_GRACE_S = 5.0
 
@@ -222,5 +228,7 @@ def build_app(args: dict[str, Any]) -> Application:
         num_replicas=options.ingress_replicas,
         ray_actor_options={"num_cpus": options.ingress_cpus},
         max_ongoing_requests=ingress_capacity,
+        max_queued_requests=ingress_capacity,
+        backpressure_config={"status_code": 503, "retry_after_s": INGRESS_RETRY_AFTER_S},
         **shutdown,
     ).bind(replica_settings, model, router_queue, options.retries)

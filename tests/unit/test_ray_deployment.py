@@ -21,7 +21,14 @@ from ray.serve import Application  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from server.config import Settings  # noqa: E402
-from server.ray_serve.app import SHUTDOWN_GRACE_S, StepImageIngress, StepImageModel, build_app  # noqa: E402
+from server.ray_serve.app import (  # noqa: E402
+    INGRESS_HEADROOM,
+    INGRESS_RETRY_AFTER_S,
+    SHUTDOWN_GRACE_S,
+    StepImageIngress,
+    StepImageModel,
+    build_app,
+)
 from server.ray_serve.options import DEPLOYMENT_SETTINGS, RayAppOptions  # noqa: E402
 from server.ray_serve.remote import _image_from_payload, _image_payload  # noqa: E402
 
@@ -184,8 +191,14 @@ def test_the_deployments_get_the_admission_bounds_from_the_settings():
     assert ingress.init_args[2] == 5  # the ingress's router queue
     assert model.num_replicas == 2
     assert model.ray_actor_options["num_gpus"] == 1
-    # The ingress is never the one that is full: it holds the model tier's capacity and more.
-    assert ingress.max_ongoing_requests > 2 * 3 + 5
+    # The ingress is never the one that is full: it holds the model tier's capacity and room for downloads, probes
+    # and refusals besides.
+    assert ingress.max_ongoing_requests == 2 * 3 + 5 + INGRESS_HEADROOM
+    # Were it full, each proxy would hold a bounded number of requests for it (not Serve's default, -1: without
+    # bound), then answer 503 with a Retry-After.
+    assert ingress.max_queued_requests == ingress.max_ongoing_requests
+    backpressure = ingress._deployment_config.backpressure_config
+    assert (backpressure.status_code, backpressure.retry_after_s) == (503, INGRESS_RETRY_AFTER_S)
 
 
 def test_replicas_get_the_bounds_the_deployment_was_built_with_and_secrets_from_their_own_host(monkeypatch):
