@@ -126,7 +126,13 @@ def test_rayservice_runs_the_pinned_ray_with_weights_and_gpus_where_the_config_s
     # Keys and bucket credentials come from Secrets, never from the manifest.
     assert "api_keys" not in args["settings"]
     assert "AWS_SECRET_ACCESS_KEY" not in RAYSERVICE.read_text().split("kind: RayService")[1]
-    assert len([source["secretRef"]["name"] for source in container["envFrom"]]) == 2
+    secrets = [source["secretRef"]["name"] for source in container["envFrom"]]
+    assert len(secrets) == 2
+    # Every pod an ingress replica may land on has them: the head too (its num-cpus 0 keeps replicas off it only
+    # while ingress_cpus > 0), or an ingress there would serve without keys.
+    (head_container,) = head["template"]["spec"]["containers"]
+    assert [source["secretRef"]["name"] for source in head_container["envFrom"]] == secrets
+    assert head_container["env"] == container["env"]
 
 
 def test_the_kuberay_image_adds_the_ray_extra_and_wget_to_the_project_image():
