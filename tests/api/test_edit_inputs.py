@@ -186,7 +186,9 @@ def test_a_masked_edit_returns_the_input_pixels_outside_the_feather(client):
 @pytest.mark.parametrize(
     ("mask", "words"),
     [
-        (lambda: mask_png(96, 64), "same size"),
+        # Sizes written HEIGHTxWIDTH, as everywhere in the API: the mask is 96 wide and 64 high.
+        (lambda: mask_png(96, 64), "mask is 64x96 (HEIGHTxWIDTH), but the image is 64x64; the mask must"),
+        (lambda: mask_png(64, 96), "mask is 96x64 (HEIGHTxWIDTH), but the image is 64x64"),
         (lambda: image_bytes(64, 64), "no alpha"),
         (lambda: mask_png(64, 64, box=(0, 0, 0, 0)), "no fully transparent"),
         (lambda: b"\x89PNG\r\n\x1a\n not really", "not a supported image"),
