@@ -160,8 +160,8 @@ class ImageService:
             )
         pictures = []
         for position, (param, payload) in enumerate(sources):
-            data = payload if isinstance(payload, bytes) else images.decode_base64_image(payload, param=param)
             try:
+                data = payload if isinstance(payload, bytes) else images.decode_base64_image(payload, param=param)
                 pictures.append(images.decode_image(data, param=param))
             except InvalidRequest as exc:
                 if len(sources) > 1:

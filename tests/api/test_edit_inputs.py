@@ -111,6 +111,16 @@ def test_a_broken_second_image_is_named_by_its_position(client):
     assert "input image 2 of 2" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("second", "words"),
+    [("https://example.com/b.png", "not a URL"), ("not base64!", "base64"), ("data:text/plain;base64,eA==", "data")],
+)
+def test_a_second_image_that_is_not_base64_is_named_by_its_position(client, second, words):
+    body = {**JSON_FIELDS, "image": [data_url(image_bytes(64, 64)), second]}
+    error = assert_error(client.post(EDITS, json=body), 400, "image")
+    assert error["message"].startswith("input image 2 of 2: ") and words in error["message"], error
+
+
 def test_more_images_than_the_limit_are_refused_before_decoding(make_client):
     client = make_client(max_edit_images=2)
     urls = [data_url(image_bytes(64, 64, seed=index)) for index in range(3)]
