@@ -158,10 +158,20 @@ class ImageFields(BaseModel):
         return value
 
 
+def _lowercase_size(value: str | None) -> str | None:
+    # 1024X1024 is well formed (SIZE_PATTERN), and the same size as 1024x1024: the served sizes are written with a
+    # lowercase x, and so is every size the API writes back.
+    return value.lower() if value is not None else None
+
+
 class GenerationsBody(ImageFields):
     size: str = Field(
-        DEFAULT_SIZE, pattern=SIZE_PATTERN, description="HEIGHTxWIDTH (768x1360 is 1360 wide), one of the served sizes."
+        DEFAULT_SIZE,
+        pattern=SIZE_PATTERN,
+        description="HEIGHTxWIDTH (768x1360 is 1360 wide), one of the served sizes; the x may be upper case.",
     )
+
+    _size_case = field_validator("size")(_lowercase_size)
 
 
 class ImageURL(BaseModel):
@@ -194,6 +204,8 @@ class EditsBody(ImageFields):
         description="A PNG with alpha, the first image's size: fully transparent pixels mark the area to change; "
         'every other pixel is kept exactly. Base64, a data URL, {"image_url": ...} or a file part.',
     )
+
+    _size_case = field_validator("size")(_lowercase_size)
 
 
 class InputTokensDetails(BaseModel):
@@ -233,7 +245,7 @@ class ImagesResponse(BaseModel):
     data: list[ImageData] = Field(..., description="One item per image, in seed order.")
     usage: Usage = Field(..., description="What the model processed for this request.")
     output_format: OutputFormat = Field(..., description="The images' file format.")
-    size: str = Field(..., description="HEIGHTxWIDTH of the images made, as the request's size is written.")
+    size: str = Field(..., description="HEIGHTxWIDTH of the images made, with a lower-case x.")
 
     def to_wire(self) -> dict[str, Any]:
         # Exactly one of b64_json / url per item: drop the absent one rather than sending null.
@@ -250,7 +262,7 @@ class ImageStreamEvent(BaseModel):
         "image_edit.completed",
     ] = Field(..., description="The event's name, also sent as its SSE event field.")
     created_at: int = Field(..., description="Unix time the event was made.")
-    size: str = Field(..., description="HEIGHTxWIDTH, as the request's size is written.")
+    size: str = Field(..., description="HEIGHTxWIDTH of the image, with a lower-case x.")
     output_format: OutputFormat = Field(..., description="The image's file format.")
     seed: int = Field(..., description="The seed of the image this event is about.")
     image_index: int = Field(

@@ -123,4 +123,4 @@ def test_a_malformed_size_gets_the_same_message_on_both_endpoints(size):
 
 @pytest.mark.parametrize("size", ["512x512", "1024x1024", "1536X1024", "auto"])
 def test_edits_accept_and_ignore_a_well_formed_size(size):
-    assert parse_fields(EditsBody, {"prompt": "x", "size": size}).size == size
+    assert parse_fields(EditsBody, {"prompt": "x", "size": size}).size == size.lower()
