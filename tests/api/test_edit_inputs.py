@@ -90,10 +90,12 @@ def test_json_bodies_carry_several_images(make_client, gated, shape):
     ("body", "param", "words"),
     [
         ({"image": "x", "images": [{"image_url": "y"}]}, "images", "not both"),
-        ({"images": [{"file_id": "file-123"}]}, "images", None),
+        ({"images": [{"file_id": "file-123"}]}, "images", "images[0].file_id refers to a file uploaded to"),
+        ({"images": [{"image_url": "x"}, {}]}, "images", "images[1].image_url is required"),
         ({"images": []}, "image", "required"),
-        ({"images": "data:image/png;base64,xx"}, "images", None),
-        ({"image": [1, 2]}, "image", None),
+        ({"images": "data:image/png;base64,xx"}, "images", "images must be an array of objects"),
+        ({"image": [1, 2]}, "image", "image[0] must be a base64-encoded image"),
+        ({"mask": {"file_id": "file-1"}}, "mask", "mask.file_id refers to a file uploaded to"),
     ],
 )
 def test_bad_json_image_shapes(client, body, param, words):
