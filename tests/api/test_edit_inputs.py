@@ -255,6 +255,45 @@ def test_invalid_utf8_in_a_multipart_text_part_is_a_400_as_in_json(client):
     assert_error(json_like, 400, None, "invalid_json")
 
 
+@pytest.mark.parametrize("charset", ["rot13", "hex", "base64", "uu", "punycode", "utf-16", "no-such-charset"])
+def test_a_charset_that_is_no_ascii_compatible_text_encoding_is_a_400_naming_it(client, charset):
+    image = data_url(image_bytes(64, 64))
+    body, content_type = multipart([("prompt", b"a cat"), ("image", image.encode())])
+    headers = {"content-type": f"{content_type}; charset={charset}"}
+    error = assert_error(client.post(EDITS, content=body, headers=headers), 400, None, "invalid_multipart")
+    assert f'charset "{charset}" is not a text encoding this server reads' in error["message"]
+
+
+def test_a_long_charset_is_quoted_bounded(client):
+    body, content_type = multipart([("prompt", b"a cat")])
+    headers = {"content-type": f"{content_type}; charset={'x' * 500}"}
+    error = assert_error(client.post(EDITS, content=body, headers=headers), 400, None, "invalid_multipart")
+    assert "(500 characters)" in error["message"] and "x" * 100 not in error["message"]
+
+
+def test_text_the_charset_cannot_decode_is_a_400_naming_the_field(client):
+    # IDNA reads ASCII as itself, but refuses a label that does not round-trip (a plain UnicodeError).
+    body, content_type = multipart([("prompt", b"xn--a-")])
+    headers = {"content-type": f"{content_type}; charset=idna"}
+    error = assert_error(client.post(EDITS, content=body, headers=headers), 400, "prompt")
+    assert "is not valid idna text" in error["message"]
+    # The same in a part's name, which the parser decodes before any field exists.
+    body, content_type = multipart([("xn--a-", b"x")])
+    headers = {"content-type": f"{content_type}; charset=idna"}
+    error = assert_error(client.post(EDITS, content=body, headers=headers), 400, None, "invalid_multipart")
+    assert "header is not valid idna text" in error["message"]
+
+
+def test_a_latin1_multipart_body_is_read_in_its_charset(make_client, gated):
+    client = make_client(backend=gated)
+    body, content_type = multipart(
+        [("prompt", "café".encode("latin-1")), ("image", data_url(image_bytes(64, 64)).encode())]
+    )
+    headers = {"content-type": f"{content_type}; charset=iso-8859-1"}
+    assert client.post(EDITS, content=body, headers=headers).status_code == 200
+    assert gated.requests[-1].prompt == "café"
+
+
 def test_valid_utf8_in_multipart_is_kept(make_client, gated):
     client = make_client(backend=gated)
     image = "data:image/png;base64," + base64.b64encode(image_bytes(64, 64)).decode()
