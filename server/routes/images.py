@@ -31,8 +31,7 @@ keyed = [Depends(require_api_key)]
 IMAGE_PART_NAMES = ("image", "image[]")
 MASK_PART_NAME = "mask"
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-# Parts a form may carry: every image, the mask, and the request's fields (with room for clients' extra fields).
-MAX_FORM_FILES = 16
+# Text fields a form may carry besides its images and mask: the request's fields, with room for clients' extras.
 MAX_FORM_FIELDS = 100
 
 
@@ -113,6 +112,26 @@ class _StrictMultiPartParser(MultiPartParser):
 
     complete = False
 
+    def __init__(self, *args: Any, max_images: int, **kwargs: Any) -> None:
+        # Files a form may carry: up to max_images images and one mask. Starlette's own limit sits one above, so
+        # that a client with too many files meets our message rather than the parser's.
+        self.max_image_files = max_images + 1
+        self.files_seen = 0
+        super().__init__(*args, max_files=self.max_image_files + 1, **kwargs)
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()
+        if self._current_part.file is None:
+            return
+        self.files_seen += 1
+        if self.files_seen > self.max_image_files:
+            limit = self.max_image_files - 1
+            raise InvalidRequest(
+                "image",
+                f"at most {limit} input images are accepted per edit, plus one mask; this form has more than "
+                f"{limit + 1} files",
+            )
+
     async def parse(self) -> FormData:
         _check_charset(self.headers["content-type"])
         try:
@@ -142,13 +161,18 @@ class _StrictMultiPartParser(MultiPartParser):
 
 
 async def _read_form(request: Request) -> FormData:
-    max_bytes = request.app.state.stepimage.settings.max_body_bytes
+    settings = request.app.state.stepimage.settings
     if _media_type(request) == "application/x-www-form-urlencoded":
         return _url_encoded_form(await request.body())
     try:
         async with aclosing(request.stream()) as stream:
             parser = _StrictMultiPartParser(
-                request.headers, stream, max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS, max_part_size=max_bytes
+                request.headers,
+                stream,
+                max_images=settings.max_edit_images,
+                # Images (and the mask) may also come as base64 text parts.
+                max_fields=MAX_FORM_FIELDS + settings.max_edit_images + 1,
+                max_part_size=settings.max_body_bytes,
             )
             form = await parser.parse()
     except MultiPartException as exc:

@@ -130,6 +130,25 @@ def test_more_images_than_the_limit_are_refused_before_decoding(make_client):
     assert "at most 2" in error["message"]
 
 
+@pytest.mark.parametrize("limit", [4, 20])
+def test_the_form_file_limit_follows_max_edit_images(make_client, limit):
+    client = make_client(max_edit_images=limit)
+    picture = image_bytes(64, 64)
+
+    def form_with(count: int):
+        files = [("image[]", (f"{index}.png", picture, "image/png")) for index in range(count)]
+        return client.post(EDITS, data=FIELDS, files=files)
+
+    # One file over the image limit could be the mask: the form is read, and the images are counted.
+    error = assert_error(form_with(limit + 1), 400, "image")
+    assert error["message"] == f"at most {limit} input images are accepted per edit, got {limit + 1}"
+    # More files than images and a mask: refused while reading the form, in the same words.
+    error = assert_error(form_with(limit + 2), 400, "image")
+    assert error["message"] == (
+        f"at most {limit} input images are accepted per edit, plus one mask; this form has more than {limit + 1} files"
+    )
+
+
 def test_images_as_a_form_field_is_refused(client):
     files = [("image", ("a.png", image_bytes(64, 64), "image/png"))]
     assert_error(client.post(EDITS, data={**FIELDS, "images": "x"}, files=files), 400, "images")
