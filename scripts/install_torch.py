@@ -212,6 +212,21 @@ def banner(text: str) -> str:
     return "\n".join([rule, *(f"!! {line}" for line in text.splitlines()), rule])
 
 
+def venv_can_install_pip() -> bool:
+    """Whether `python -m venv` can put pip into the environment it makes. Debian and Ubuntu ship ensurepip in a
+    package of its own; without it the venv is made without pip, and every later step fails less clearly."""
+    import importlib.util
+
+    if importlib.util.find_spec("ensurepip") is not None:
+        return True
+    minor = "{}.{}".format(*sys.version_info[:2])
+    sys.stderr.write(
+        f"{sys.executable} cannot create a virtual environment with pip: its ensurepip module is missing. "
+        f"On Debian or Ubuntu: apt-get install python3-venv (or python{minor}-venv), then run make again.\n"
+    )
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build", choices=BUILDS, default=os.environ.get("TORCH_BUILD") or "auto")
@@ -227,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     if args.check_python:
-        return 0
+        return 0 if venv_can_install_pip() else 2
     version = pinned_version()
     plan = choose(probe(args.build, version), version)
     print(f"torch: {plan.reason}", flush=True)

@@ -215,9 +215,17 @@ class ShutdownAnswerMiddleware:
                 await response(scope, receive, send)
 
 
+# After `idle_timeout` seconds of grace, a body must average at least this pace. Without it, a client that sends a
+# byte just under every `idle_timeout` seconds holds a request and a connection for as long as it likes (64 MiB at
+# a byte per 29 s: decades), and a few hundred of them fill --max-connections. 16 KiB/s is a poor mobile link's pace;
+# the largest default body (64 MiB) may take 68 minutes at it.
+MIN_BODY_BYTES_PER_S = 16 * 1024
+
+
 class BodyLimitMiddleware:
     """Refuses bodies over the configured size with 413, before or while they stream in, and answers 408 when a
-    body stops arriving for `idle_timeout` seconds (a slow-body client holds a connection and a request)."""
+    body stops arriving for `idle_timeout` seconds, or arrives slower on average than MIN_BODY_BYTES_PER_S once
+    `idle_timeout` seconds have passed (a slow-body client holds a connection and a request)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout: float | None = None) -> None:
         self.app = app
@@ -241,6 +249,7 @@ class BodyLimitMiddleware:
             return
         received = 0
         body_done = False
+        body_started = time.monotonic()
 
         async def counting_receive() -> Message:
             nonlocal received, body_done
@@ -248,11 +257,21 @@ class BodyLimitMiddleware:
                 # After the body, receive() only waits for the client to disconnect: no deadline there.
                 message = await receive()
             else:
+                elapsed = time.monotonic() - body_started
+                # What the pace allows from here: the grace, plus the time the bytes so far earned at the minimum.
+                paced = self.idle_timeout + received / MIN_BODY_BYTES_PER_S - elapsed
                 try:
-                    message = await asyncio.wait_for(receive(), self.idle_timeout)
+                    message = await asyncio.wait_for(receive(), max(0.0, min(self.idle_timeout, paced)))
                 except TimeoutError:
+                    if paced >= self.idle_timeout:
+                        raise errors.RequestTimeout(
+                            "The request body stopped arriving: nothing was received for "
+                            f"{self.idle_timeout:g} seconds."
+                        ) from None
                     raise errors.RequestTimeout(
-                        f"The request body stopped arriving: nothing was received for {self.idle_timeout:g} seconds."
+                        f"The request body arrived too slowly: {received} bytes in "
+                        f"{time.monotonic() - body_started:.0f} seconds, under the server's minimum average of "
+                        f"{MIN_BODY_BYTES_PER_S // 1024} KiB/s."
                     ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))

@@ -76,6 +76,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(_flag(name), dest=name, help=help_text)
 
 
+# Settings whose values must never be echoed back, even to the operator's terminal (logs collect it).
+SECRET_SETTINGS = frozenset({"api_keys"})
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
     return Settings(**given)
@@ -130,7 +134,7 @@ def serve(args: argparse.Namespace) -> int:
             field = ".".join(str(part) for part in problem["loc"])
             message = problem["msg"].removeprefix("Value error, ")
             given = problem.get("input")
-            if isinstance(given, str) and repr(given) not in message:
+            if isinstance(given, str) and repr(given) not in message and field not in SECRET_SETTINGS:
                 message += f", got {given[:100]!r}"
             sys.stderr.write(f"stepimage serve: {_flag(field)}: {message}\n")
         return EXIT_USAGE

@@ -31,7 +31,10 @@ def default_storage_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="STEPIMAGE_", extra="ignore", populate_by_name=True)
+    # Infinity would pass every range check, then fail where a size or a duration becomes an integer.
+    model_config = SettingsConfigDict(
+        env_prefix="STEPIMAGE_", extra="ignore", populate_by_name=True, allow_inf_nan=False
+    )
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
@@ -54,7 +57,7 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         validation_alias=AliasChoices("api_keys", "STEPIMAGE_API_KEYS", "STEPIMAGE_API_KEY"),
-        description="Accepted bearer keys; none means an open server.",
+        description="Accepted bearer keys (printable ASCII, no spaces); none means an open server.",
     )
     random_weights: bool = Field(
         False, description="flux2-klein: build the full-size architecture with random weights (benchmarks only)."
@@ -138,7 +141,10 @@ class Settings(BaseSettings):
         "a previous response; a silent connection is closed, a partial request gets 408.",
     )
     body_timeout: float = Field(
-        30.0, gt=0, description="Seconds a request body may stop arriving before the request gets 408."
+        30.0,
+        gt=0,
+        description="Seconds a request body may stop arriving before the request gets 408; past them, a body must "
+        "also have averaged 16 KiB/s.",
     )
     keep_alive_timeout: float = Field(
         5.0, gt=0, description="Seconds an idle keep-alive connection stays open between requests."
@@ -152,6 +158,19 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_travel_in_headers(cls, keys: list[str]) -> list[str]:
+        # A key arrives in an Authorization header, which clients send (and the server reads) as ASCII: any other
+        # character, or a space that the header's parsing trims, makes a key that no request can ever match.
+        for number, key in enumerate(keys, 1):
+            if not all("!" <= char <= "~" for char in key):
+                raise ValueError(
+                    f"API key {number} of {len(keys)} has a space or a character outside printable ASCII; no "
+                    "client could send it in an Authorization header"
+                )
+        return keys
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from typing import Any
 
 import h11
@@ -34,6 +35,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from server import errors
+from server.protocol import QUOTED_CHARS
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ MAX_HEAD_BYTES = 16 * 1024
 LINGER_SECONDS = 2.0
 # Where a request head ends: h11 accepts bare LF line endings as well as CRLF.
 _HEAD_END = re.compile(rb"\n\r?\n")
+# What h11 says before it quotes the client's bytes in a protocol error, at most.
+H11_WORDS_CHARS = 40
 # Connections come and go within seconds; an over-capacity client may retry soon.
 OVER_CAPACITY_RETRY_AFTER_S = 1
 # One warning per this many seconds while connections are refused, with the count, rather than one per request.
@@ -53,10 +57,12 @@ WARN_EVERY_S = 10.0
 
 
 def _envelope(error: errors.ApiError) -> tuple[int, list[tuple[str, str]], bytes]:
-    """Status, headers and body of `error` in the API's envelope, on a connection that closes after it."""
+    """Status, headers and body of `error` in the API's envelope, on a connection that closes after it. Like every
+    answer of the app, it carries an x-request-id (a new one: the client's own may be in the head that failed)."""
     mapped = errors.to_response(error)
     body = json.dumps(mapped.body).encode()
     headers = [("content-type", "application/json"), ("content-length", str(len(body))), ("connection", "close")]
+    headers.append(("x-request-id", uuid.uuid4().hex))
     headers += [(name.lower(), value) for name, value in mapped.headers.items() if name.lower() != "connection"]
     return mapped.status, headers, body
 
@@ -233,6 +239,10 @@ class GuardedH11Protocol(H11Protocol):
             error = self._headers_too_large()
         else:
             detail = str(problem) if problem is not None else msg
+            # h11 quotes the offending line whole (up to the head's limit, 16 KiB): bounded, as every echo is, past
+            # h11's own words ("illegal header line: bytearray(b'", about 35 characters).
+            if len(detail) > H11_WORDS_CHARS + QUOTED_CHARS:
+                detail = detail[: H11_WORDS_CHARS + QUOTED_CHARS] + "…"
             error = errors.InvalidRequest(None, f"The request is not valid HTTP/1.1: {detail}", code="invalid_http")
         self._answer_and_close(error)
 

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9_-]{32}\.(png|jpg|webp)$")
+_NAME = re.compile(r"[A-Za-z0-9_-]{32}\.(png|jpg|webp)")
 _INCOMING = ".incoming-"
 CHUNK_BYTES = 1024 * 1024
 MIB = 1024 * 1024
@@ -64,7 +64,7 @@ def new_name(extension: str) -> str:
 
 
 def is_result_name(name: str) -> bool:
-    return bool(_NAME.match(name))
+    return _NAME.fullmatch(name) is not None
 
 
 def setting(name: str) -> str:

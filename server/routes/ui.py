@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from server import ui
-from server.errors import NotFound
 
 
 def build_router() -> APIRouter:
@@ -17,7 +17,8 @@ def build_router() -> APIRouter:
     def serve(name: str, request: Request) -> Response:
         asset = assets.get(name)
         if asset is None:
-            raise NotFound(f"No route {request.method} {request.url.path}")
+            # The app's own 404, which quotes the client's path bounded, as for any unknown route.
+            raise HTTPException(status_code=404)
         headers = {**ui.SECURITY_HEADERS, "etag": asset.etag}
         if request.headers.get("if-none-match") == asset.etag:
             return Response(status_code=304, headers=headers)

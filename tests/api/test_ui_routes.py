@@ -83,6 +83,12 @@ def test_unknown_files_are_404_envelopes(client, path):
     assert_error(client.get(path), 404, None, "not_found")
 
 
+def test_an_unknown_file_is_quoted_bounded_like_any_unknown_route(client):
+    response = client.get("/ui/" + "a" * 5000 + ".js")
+    assert_error(response, 404, None, "not_found")
+    assert len(response.json()["error"]["message"]) < 200
+
+
 def test_config_describes_the_server_without_secrets(make_client):
     client = make_client(api_keys=["s3cret-key"], max_n=3)
     response = client.get("/ui/config.json")  # no key: the page must learn that it needs one

@@ -73,6 +73,8 @@ def assert_envelope(response: RawResponse | None, status: int, code: str | None 
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}, error
     assert error["message"] and "Traceback" not in error["message"]
+    # Answers given below the app (timeouts, protocol errors, the connection cap) carry one as the app's do.
+    assert response.headers.get("x-request-id"), response.headers
     if code is not None:
         assert error["code"] == code, error
     return error

@@ -259,3 +259,26 @@ def test_requires_python_matches_the_script():
     makefile = (ROOT / "Makefile").read_text()
     assert "scripts/install_torch.py --build $(TORCH_BUILD)" in makefile
     assert "-c constraints.txt" in makefile
+
+
+def test_a_python_without_ensurepip_is_refused_with_the_package_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *rest: None if name == "ensurepip" else real_find_spec(name, *rest)
+    )
+    assert install_torch.main(["--check-python"]) == 2
+    err = capsys.readouterr().err
+    assert "ensurepip" in err and "apt-get install python3-venv" in err and len(err.splitlines()) == 1
+
+
+def test_make_serve_installs_the_server_without_the_test_tiers_extras():
+    makefile = (ROOT / "Makefile").read_text()
+    serve_stamp = makefile.split("serve:", 1)[1].split("\n", 1)[0].strip()
+    test_stamp = makefile.split("\ntest:", 1)[1].split("\n", 1)[0].strip()
+    assert serve_stamp == "$(BIN)/.installed" and test_stamp == "$(BIN)/.installed-test"
+    serve_recipe = makefile.split(f"{serve_stamp}:", 1)[1].split("\n\n", 1)[0]
+    assert "-e '.[s3]'" in serve_recipe and "ray" not in serve_recipe and "test" not in serve_recipe
+    test_recipe = makefile.split(f"{test_stamp}:", 1)[1].split("\n\n", 1)[0]
+    assert test_recipe.startswith(" $(BIN)/.installed\n") and "'.[test,bench,ray]'" in test_recipe
