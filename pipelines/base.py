@@ -108,7 +108,9 @@ class Backend(Protocol):
     def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> GenerationResult: ...
 
     # Optional: `generate_batch(requests, cancel=None, progress=None) -> list[GenerationResult]` runs requests of one
-    # `batch_key(request)` as a single call and reports previews through `progress` (a ProgressCallback).
+    # `batch_key(request)` as a single call and reports previews through `progress` (a ProgressCallback). Its
+    # `cancel` may also offer `request_cancelled(index) -> bool`: a request gone from a batch that runs on for the
+    # others gets no more previews.
 
     def warm_up(self, sizes: list[tuple[int, int]], progress: Callable[[str], None] | None = None) -> None: ...
 

@@ -471,6 +471,7 @@ class _DenoisingLoop:
         plans: list[EditPlan] | None,
         size: tuple[int, int],
         progress: ProgressCallback | None,
+        cancel: Any = None,
     ) -> None:
         self.backend = backend
         self.requests = requests
@@ -478,6 +479,8 @@ class _DenoisingLoop:
         self.plans = plans
         self.height, self.width = size
         self.progress = progress
+        # A request that left a batch running on for the others (`request_cancelled(index)`, when `cancel` has it).
+        self.request_cancelled: Callable[[int], bool] = getattr(cancel, "request_cancelled", lambda index: False)
         self.rows = [[row for row, owned_by in enumerate(owner) if owned_by == index] for index in range(len(requests))]
         steps = requests[0].steps
         self.preview_at = [
@@ -518,7 +521,10 @@ class _DenoisingLoop:
             source = self._input_latents(latents)
             noised = (1 - sigma) * source + sigma * self.record["noise"].to(latents.dtype)
             latents = keep * noised + (1 - keep) * latents
-        wanted = [index for index, steps in enumerate(self.preview_at) if step in steps]
+        # Decoding and compositing a preview nobody will receive is wasted device time for the requests still here.
+        wanted = [
+            index for index, steps in enumerate(self.preview_at) if step in steps and not self.request_cancelled(index)
+        ]
         if wanted:
             started = time.perf_counter()
             estimate = tensors["latents"] - sigma * tensors["noise_pred"]
@@ -684,7 +690,8 @@ class Flux2KleinBackend:
         request, seeds seed..seed+n-1), each row with its own prompt, negative prompt, noise, input images and mask.
 
         `cancel` is anything with `is_set()`; when it turns true the call stops at the next step. `progress`
-        receives each request's previews (`GenerationRequest.partial_images`).
+        receives each request's previews (`GenerationRequest.partial_images`), except those of a request for which
+        `cancel.request_cancelled(index)` (where `cancel` has it) is true: gone, while the others run on.
         """
         keys = {self.batch_key(request) for request in requests}
         if len(keys) != 1:
@@ -715,7 +722,7 @@ class Flux2KleinBackend:
         else:
             width, height = first.width, first.height
         sigmas = flux2_sigmas(first.steps, image_tokens(height, width))
-        loop = _DenoisingLoop(self, requests, owner, plans, (height, width), progress)
+        loop = _DenoisingLoop(self, requests, owner, plans, (height, width), progress, cancel)
 
         step_ends: list[float] = []
 

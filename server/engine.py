@@ -110,6 +110,11 @@ class BatchCancel:
     def is_set(self) -> bool:
         return all(job.cancelled for job in self.jobs)
 
+    def request_cancelled(self, index: int) -> bool:
+        """Whether the batch's `index`-th request is gone: its rows run on with the others, but no preview is made
+        for it."""
+        return self.jobs[index].cancelled
+
 
 @dataclass(eq=False)
 class Worker:

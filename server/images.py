@@ -163,8 +163,8 @@ def decode_mask(data: bytes, *, size: tuple[int, int], param: str = "mask") -> I
     if plane.size != size:
         raise InvalidRequest(
             param,
-            f"{param} is {plane.size[0]} pixels wide and {plane.size[1]} pixels high, but the image is "
-            f"{size[0]}x{size[1]}; the mask must be the same size as the (first) image",
+            f"{param} is {plane.size[1]}x{plane.size[0]} (HEIGHTxWIDTH), but the image is {size[1]}x{size[0]}; "
+            "the mask must be the same size as the (first) image",
         )
     regenerate = plane.point(lambda alpha: 255 if alpha == 0 else 0)
     if regenerate.getbbox() is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 from typing import Annotated, Any, Literal
 
 import annotated_types
@@ -158,10 +159,20 @@ class ImageFields(BaseModel):
         return value
 
 
+def _lowercase_size(value: str | None) -> str | None:
+    # 1024X1024 is well formed (SIZE_PATTERN), and the same size as 1024x1024: the served sizes are written with a
+    # lowercase x, and so is every size the API writes back.
+    return value.lower() if value is not None else None
+
+
 class GenerationsBody(ImageFields):
     size: str = Field(
-        DEFAULT_SIZE, pattern=SIZE_PATTERN, description="HEIGHTxWIDTH (768x1360 is 1360 wide), one of the served sizes."
+        DEFAULT_SIZE,
+        pattern=SIZE_PATTERN,
+        description="HEIGHTxWIDTH (768x1360 is 1360 wide), one of the served sizes; the x may be upper case.",
     )
+
+    _size_case = field_validator("size")(_lowercase_size)
 
 
 class ImageURL(BaseModel):
@@ -194,6 +205,8 @@ class EditsBody(ImageFields):
         description="A PNG with alpha, the first image's size: fully transparent pixels mark the area to change; "
         'every other pixel is kept exactly. Base64, a data URL, {"image_url": ...} or a file part.',
     )
+
+    _size_case = field_validator("size")(_lowercase_size)
 
 
 class InputTokensDetails(BaseModel):
@@ -233,7 +246,7 @@ class ImagesResponse(BaseModel):
     data: list[ImageData] = Field(..., description="One item per image, in seed order.")
     usage: Usage = Field(..., description="What the model processed for this request.")
     output_format: OutputFormat = Field(..., description="The images' file format.")
-    size: str = Field(..., description="HEIGHTxWIDTH of the images made, as the request's size is written.")
+    size: str = Field(..., description="HEIGHTxWIDTH of the images made, with a lower-case x.")
 
     def to_wire(self) -> dict[str, Any]:
         # Exactly one of b64_json / url per item: drop the absent one rather than sending null.
@@ -250,7 +263,7 @@ class ImageStreamEvent(BaseModel):
         "image_edit.completed",
     ] = Field(..., description="The event's name, also sent as its SSE event field.")
     created_at: int = Field(..., description="Unix time the event was made.")
-    size: str = Field(..., description="HEIGHTxWIDTH, as the request's size is written.")
+    size: str = Field(..., description="HEIGHTxWIDTH of the image, with a lower-case x.")
     output_format: OutputFormat = Field(..., description="The image's file format.")
     seed: int = Field(..., description="The seed of the image this event is about.")
     image_index: int = Field(
@@ -290,6 +303,8 @@ class ErrorResponse(BaseModel):
 
 def _field_rule(model: type[BaseModel], name: str) -> str:
     """Describe a field's rule from its declaration, e.g. 'an integer between 1 and 50'."""
+    if name in IMAGE_FIELD_RULES:
+        return IMAGE_FIELD_RULES[name]
     info = model.model_fields[name]
     lower = upper = None
     for meta in info.metadata:
@@ -313,24 +328,99 @@ def _field_rule(model: type[BaseModel], name: str) -> str:
     return kind
 
 
+# What the edit fields that carry images accept, as validation messages state it (the shapes declared on EditsBody
+# and ImageURL).
+IMAGE_TEXT = "a base64-encoded image or data URL string"
+IMAGE_OBJECT = '{"image_url": "<base64 or data URL>"}'
+IMAGE_FIELD_RULES = {
+    "image": f"{IMAGE_TEXT}, or an array of them",
+    "images": f"an array of objects {IMAGE_OBJECT} (in a JSON body; a form sends image or image[] parts)",
+    "mask": f"{IMAGE_TEXT}, or an object {IMAGE_OBJECT}",
+}
+# OpenAI's other shape for an input image refers to a file uploaded to its Files API, which this server does not have.
+FILE_ID = "file_id"
+
+
+def _path(loc: tuple) -> str:
+    """('images', 0, 'image_url') -> 'images[0].image_url'."""
+    text = str(loc[0])
+    for part in loc[1:]:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text
+
+
+def _json_kind(value: Any) -> str:
+    return "text" if isinstance(value, str) else "array" if isinstance(value, list) else "object"
+
+
+def _union_member_kind(tag: str) -> str:
+    # pydantic tags each union member's errors with the member's name: str, list[str], ImageURL.
+    return "text" if tag == "str" else "array" if tag.startswith("list") else "object"
+
+
+def _image_field_problem(model: type[BaseModel], name: str, value: Any, errors: list[Any]) -> InvalidRequest:
+    """What is wrong with an image, images or mask value, named by its path inside the value (images[0].image_url);
+    `param` stays the field's name.
+
+    A union field (image: text or array; mask: text or object) fails on every member; only the member of the value's
+    own JSON type says what is wrong with it. A value of no accepted type gets the field's whole rule."""
+    members = [arg for arg in typing.get_args(model.model_fields[name].annotation) if arg is not type(None)]
+    union = len(members) > 1
+    problems = []
+    for error in errors:
+        loc = tuple(error["loc"])
+        if loc[0] != name:
+            continue
+        if union:
+            if len(loc) < 2 or _union_member_kind(str(loc[1])) != _json_kind(value):
+                continue
+            loc = (name, *loc[2:])
+        problems.append((loc, error["type"], error.get("input")))
+    whole_rule = InvalidRequest(name, f"{name} must be {_field_rule(model, name)}, got {quoted(value)}")
+    for loc, kind, _ in problems:
+        if kind == "extra_forbidden" and loc[-1] == FILE_ID:
+            return InvalidRequest(
+                name,
+                f"{_path(loc)} refers to a file uploaded to OpenAI's Files API, which this server does not have; "
+                f"send the image itself: {IMAGE_OBJECT}",
+                code="unsupported_parameter",
+            )
+    # A missing key first, then a key that does not belong: they say most about the shape the client meant.
+    problems.sort(key=lambda problem: (problem[1] != "missing", problem[1] != "extra_forbidden"))
+    if not problems or len(problems[0][0]) == 1:
+        return whole_rule
+    loc, kind, got = problems[0]
+    if kind == "missing":
+        return InvalidRequest(name, f"{_path(loc)} is required", code="missing_required_parameter")
+    if kind == "extra_forbidden":
+        return InvalidRequest(name, f"{_path(loc[:-1])} has an unknown key {quoted(str(loc[-1]))}: send {IMAGE_OBJECT}")
+    expected = IMAGE_TEXT if name == "image" or loc[-1] == "image_url" else f"an object {IMAGE_OBJECT}"
+    return InvalidRequest(name, f"{_path(loc)} must be {expected}, got {quoted(got)}")
+
+
 def size_malformed(value: Any) -> InvalidRequest:
     """The one message for a size that is not HEIGHTxWIDTH at all, on either endpoint."""
     return InvalidRequest("size", f"size must be HEIGHTxWIDTH, e.g. {DEFAULT_SIZE}, got {quoted(value)}")
 
 
-def validation_error_to_invalid_request(model: type[BaseModel], error: ValidationError) -> InvalidRequest:
-    """The first problem of a failed validation, as a message that quotes the value and the rule."""
+def validation_error_to_invalid_request(
+    model: type[BaseModel], error: ValidationError, raw: dict[str, Any] | None = None
+) -> InvalidRequest:
+    """The first problem of a failed validation, as a message that quotes the value and the rule. `raw`: the
+    validated fields, which say what the client sent for a field whose problem lies inside its value."""
     first = error.errors()[0]
     name = str(first["loc"][0]) if first["loc"] else None
     if name is None or name not in model.model_fields:
         return InvalidRequest(name, first.get("msg", "invalid request"))
-    if first["type"] == "missing":
+    if first["type"] == "missing" and len(first["loc"]) == 1:
         return InvalidRequest(name, f"{name} is required", code="missing_required_parameter")
     value = first.get("input")
     if first["type"] == "text_encoding":
         return InvalidRequest(
             name, f"{name} is not valid Unicode text: it contains a lone surrogate code point; send UTF-8 text"
         )
+    if name in IMAGE_FIELD_RULES:
+        return _image_field_problem(model, name, (raw or {}).get(name), error.errors())
     if name == "prompt" and isinstance(value, str):
         if not value.strip():
             return InvalidRequest(name, "prompt must not be blank")
@@ -353,7 +443,7 @@ def parse_fields(model: type[ImageFields], raw: dict[str, Any], *, form: bool = 
     try:
         return model.model_validate(cleaned, context={"form": form})
     except ValidationError as exc:
-        raise validation_error_to_invalid_request(model, exc) from None
+        raise validation_error_to_invalid_request(model, exc, cleaned) from None
 
 
 def parse_size(size: str) -> tuple[int, int]:

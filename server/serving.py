@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import secrets
@@ -160,8 +161,8 @@ class ImageService:
             )
         pictures = []
         for position, (param, payload) in enumerate(sources):
-            data = payload if isinstance(payload, bytes) else images.decode_base64_image(payload, param=param)
             try:
+                data = payload if isinstance(payload, bytes) else images.decode_base64_image(payload, param=param)
                 pictures.append(images.decode_image(data, param=param))
             except InvalidRequest as exc:
                 if len(sources) > 1:
@@ -292,6 +293,8 @@ class ImageService:
     ) -> EventStream:
         """Start the request and wait for its first event; what fails before that raises here, as for any request."""
         events: asyncio.Queue[PartialImages] = asyncio.Queue()
+        probe = _ClientProbe(client.disconnected) if client.disconnected is not None else None
+        client = dataclasses.replace(client, disconnected=probe)
         running = asyncio.create_task(self._run(fields, request, client, kind=kind, on_partial=events.put_nowait))
         first_preview = asyncio.create_task(events.get())
         try:
@@ -307,7 +310,31 @@ class ImageService:
             first_preview.cancel()
             # Finished (or failed) before any preview: a failure here is an ordinary HTTP error response.
             running.result()
-        return EventStream(fields, kind, request.seeds, running, events, first, self.metrics, client.request_id)
+        return EventStream(fields, kind, request.seeds, running, events, first, self.metrics, client.request_id, probe)
+
+
+class _ClientProbe:
+    """A streamed request's disconnect probe, shared by the engine's watcher and the event stream so that a client
+    who leaves is counted once in `cancellations`, by whichever notices first: the watcher when the probe answers
+    True, the stream when its iteration is closed. Once the stream has counted, the probe answers False."""
+
+    def __init__(self, disconnected: Callable[[], Awaitable[bool]]) -> None:
+        self._disconnected = disconnected
+        self.reported = False
+        self.silenced = False
+
+    async def __call__(self) -> bool:
+        if self.silenced:
+            return False
+        gone = await self._disconnected() and not self.silenced
+        self.reported = self.reported or gone
+        return gone
+
+    def claim(self) -> bool:
+        """True, once, for the stream to count the client's leaving, unless the engine's watcher already has."""
+        first = not self.reported and not self.silenced
+        self.silenced = True
+        return first
 
 
 # One input image as the client sent it: (the field it came in, file bytes or base64/data-URL text).
@@ -340,6 +367,7 @@ class EventStream:
         first: PartialImages | None,
         metrics: Metrics,
         request_id: str = "-",
+        probe: _ClientProbe | None = None,
     ) -> None:
         self.fields = fields
         self.prefix = "image_generation" if kind == "generation" else "image_edit"
@@ -350,11 +378,14 @@ class EventStream:
         self.first = first
         self.metrics = metrics
         self.request_id = request_id
+        self.probe = probe
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._frames()
 
     async def _frames(self) -> AsyncIterator[bytes]:
+        next_preview: asyncio.Task[PartialImages] | None = None
+        client_left = False
         try:
             if self.first is not None:
                 for frame in await asyncio.to_thread(self._preview_frames, self.first):
@@ -363,7 +394,6 @@ class EventStream:
                 next_preview = asyncio.create_task(self.previews.get())
                 await asyncio.wait({self.running, next_preview}, return_when=asyncio.FIRST_COMPLETED)
                 if not next_preview.done():
-                    next_preview.cancel()
                     break
                 for frame in await asyncio.to_thread(self._preview_frames, next_preview.result()):
                     yield frame
@@ -373,17 +403,25 @@ class EventStream:
                     yield frame
             for frame in self._completed_frames(self.running.result()):
                 yield frame
+        except (GeneratorExit, asyncio.CancelledError):
+            # The iteration was closed (or its task cancelled) before the end: the client went away.
+            client_left = True
+            raise
         except errors.ApiError as exc:
             yield _frame("error", errors.to_response(exc).body)
         except Exception:
             logger.exception("request_id=%s streamed request failed", self.request_id)
             yield _frame("error", errors.to_response(errors.internal_error(self.request_id)).body)
         finally:
+            if next_preview is not None and not next_preview.done():
+                # Left pending, the queue read would be destroyed with the stream and logged as an error.
+                next_preview.cancel()
             if not self.running.done():
-                # The stream was closed before the result: the client went away. The engine stops the job at its
-                # next step.
+                # Nobody will read the result (the client left, or the stream already failed): the engine stops the
+                # job at its next step.
                 self.running.cancel()
-                self.metrics.cancellations.inc()
+                if client_left and (self.probe is None or self.probe.claim()):
+                    self.metrics.cancellations.inc()
             elif not self.running.cancelled():
                 # Collected here so that a failure nobody could be told about is not reported as never retrieved.
                 self.running.exception()

@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from python_multipart.multipart import parse_options_header
 from starlette.background import BackgroundTask
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -30,8 +31,7 @@ keyed = [Depends(require_api_key)]
 IMAGE_PART_NAMES = ("image", "image[]")
 MASK_PART_NAME = "mask"
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-# Parts a form may carry: every image, the mask, and the request's fields (with room for clients' extra fields).
-MAX_FORM_FILES = 16
+# Text fields a form may carry besides its images and mask: the request's fields, with room for clients' extras.
 MAX_FORM_FIELDS = 100
 
 
@@ -76,19 +76,78 @@ async def _json_object(request: Request) -> dict[str, Any]:
     return body
 
 
+# Bytes every charset a multipart body may name must read as themselves: the body's own structure (boundaries,
+# part headers, field names) is ASCII. This refuses codecs that are no text encoding at all (rot13, hex, base64, uu),
+# and text encodings that would misread that structure (UTF-16, punycode, UTF-7).
+_ASCII_SAMPLE = bytes(range(0x20, 0x7F))
+
+
+def _check_charset(content_type: str) -> None:
+    """Refuse a multipart body whose charset parameter names no ASCII-compatible text encoding; Starlette would read
+    an unknown one as Latin-1 and fail with a server error on a codec that is not a text encoding."""
+    _, params = parse_options_header(content_type)
+    charset = params.get(b"charset")
+    if charset is None:
+        return
+    name = charset.decode("latin-1")
+    try:
+        readable = _ASCII_SAMPLE.decode(name) == _ASCII_SAMPLE.decode("ascii")
+    except (LookupError, UnicodeError):
+        readable = False
+    if not readable:
+        raise InvalidRequest(
+            None,
+            f"The multipart body's charset {quoted(name)} is not a text encoding this server reads; send UTF-8 "
+            "(the default when the content type names no charset).",
+            code="invalid_multipart",
+        )
+
+
 class _StrictMultiPartParser(MultiPartParser):
-    """Starlette's multipart parser, stricter in two ways a client deserves to hear about: a text part that is not
-    valid in the body's charset (UTF-8 unless the content type says otherwise) is refused instead of being read as
-    Latin-1, and a body that ends before its closing boundary is refused instead of being taken as complete."""
+    """Starlette's multipart parser, stricter in three ways a client deserves to hear about: a charset that is no
+    ASCII-compatible text encoding is refused instead of being read as Latin-1 (or failing inside the parser), a
+    text part that is not valid in the body's charset (UTF-8 unless the content type says otherwise) is refused
+    instead of being read as Latin-1, and a body that ends before its closing boundary is refused instead of being
+    taken as complete."""
 
     complete = False
+
+    def __init__(self, *args: Any, max_images: int, **kwargs: Any) -> None:
+        # Files a form may carry: up to max_images images and one mask. Starlette's own limit sits one above, so
+        # that a client with too many files meets our message rather than the parser's.
+        self.max_image_files = max_images + 1
+        self.files_seen = 0
+        super().__init__(*args, max_files=self.max_image_files + 1, **kwargs)
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()
+        if self._current_part.file is None:
+            return
+        self.files_seen += 1
+        if self.files_seen > self.max_image_files:
+            limit = self.max_image_files - 1
+            raise InvalidRequest(
+                "image",
+                f"at most {limit} input images are accepted per edit, plus one mask; this form has more than "
+                f"{limit + 1} files",
+            )
+
+    async def parse(self) -> FormData:
+        _check_charset(self.headers["content-type"])
+        try:
+            return await super().parse()
+        except UnicodeError:
+            # A field name or file name the charset cannot decode (Starlette catches only some decoding errors).
+            raise InvalidRequest(
+                None, f"A part's header is not valid {self._charset} text.", code="invalid_multipart"
+            ) from None
 
     def on_part_end(self) -> None:
         part = self._current_part
         if part.file is None:
             try:
                 bytes(part.data).decode(self._charset or "utf-8")
-            except UnicodeDecodeError:
+            except UnicodeError:
                 name = part.field_name
                 raise InvalidRequest(
                     name[:QUOTED_CHARS] or None,
@@ -102,13 +161,18 @@ class _StrictMultiPartParser(MultiPartParser):
 
 
 async def _read_form(request: Request) -> FormData:
-    max_bytes = request.app.state.stepimage.settings.max_body_bytes
+    settings = request.app.state.stepimage.settings
     if _media_type(request) == "application/x-www-form-urlencoded":
         return _url_encoded_form(await request.body())
     try:
         async with aclosing(request.stream()) as stream:
             parser = _StrictMultiPartParser(
-                request.headers, stream, max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS, max_part_size=max_bytes
+                request.headers,
+                stream,
+                max_images=settings.max_edit_images,
+                # Images (and the mask) may also come as base64 text parts.
+                max_fields=MAX_FORM_FIELDS + settings.max_edit_images + 1,
+                max_part_size=settings.max_body_bytes,
             )
             form = await parser.parse()
     except MultiPartException as exc:

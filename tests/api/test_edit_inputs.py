@@ -90,10 +90,12 @@ def test_json_bodies_carry_several_images(make_client, gated, shape):
     ("body", "param", "words"),
     [
         ({"image": "x", "images": [{"image_url": "y"}]}, "images", "not both"),
-        ({"images": [{"file_id": "file-123"}]}, "images", None),
+        ({"images": [{"file_id": "file-123"}]}, "images", "images[0].file_id refers to a file uploaded to"),
+        ({"images": [{"image_url": "x"}, {}]}, "images", "images[1].image_url is required"),
         ({"images": []}, "image", "required"),
-        ({"images": "data:image/png;base64,xx"}, "images", None),
-        ({"image": [1, 2]}, "image", None),
+        ({"images": "data:image/png;base64,xx"}, "images", "images must be an array of objects"),
+        ({"image": [1, 2]}, "image", "image[0] must be a base64-encoded image"),
+        ({"mask": {"file_id": "file-1"}}, "mask", "mask.file_id refers to a file uploaded to"),
     ],
 )
 def test_bad_json_image_shapes(client, body, param, words):
@@ -111,11 +113,40 @@ def test_a_broken_second_image_is_named_by_its_position(client):
     assert "input image 2 of 2" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("second", "words"),
+    [("https://example.com/b.png", "not a URL"), ("not base64!", "base64"), ("data:text/plain;base64,eA==", "data")],
+)
+def test_a_second_image_that_is_not_base64_is_named_by_its_position(client, second, words):
+    body = {**JSON_FIELDS, "image": [data_url(image_bytes(64, 64)), second]}
+    error = assert_error(client.post(EDITS, json=body), 400, "image")
+    assert error["message"].startswith("input image 2 of 2: ") and words in error["message"], error
+
+
 def test_more_images_than_the_limit_are_refused_before_decoding(make_client):
     client = make_client(max_edit_images=2)
     urls = [data_url(image_bytes(64, 64, seed=index)) for index in range(3)]
     error = assert_error(client.post(EDITS, json={**JSON_FIELDS, "image": urls}), 400, "image")
     assert "at most 2" in error["message"]
+
+
+@pytest.mark.parametrize("limit", [4, 20])
+def test_the_form_file_limit_follows_max_edit_images(make_client, limit):
+    client = make_client(max_edit_images=limit)
+    picture = image_bytes(64, 64)
+
+    def form_with(count: int):
+        files = [("image[]", (f"{index}.png", picture, "image/png")) for index in range(count)]
+        return client.post(EDITS, data=FIELDS, files=files)
+
+    # One file over the image limit could be the mask: the form is read, and the images are counted.
+    error = assert_error(form_with(limit + 1), 400, "image")
+    assert error["message"] == f"at most {limit} input images are accepted per edit, got {limit + 1}"
+    # More files than images and a mask: refused while reading the form, in the same words.
+    error = assert_error(form_with(limit + 2), 400, "image")
+    assert error["message"] == (
+        f"at most {limit} input images are accepted per edit, plus one mask; this form has more than {limit + 1} files"
+    )
 
 
 def test_images_as_a_form_field_is_refused(client):
@@ -186,7 +217,9 @@ def test_a_masked_edit_returns_the_input_pixels_outside_the_feather(client):
 @pytest.mark.parametrize(
     ("mask", "words"),
     [
-        (lambda: mask_png(96, 64), "same size"),
+        # Sizes written HEIGHTxWIDTH, as everywhere in the API: the mask is 96 wide and 64 high.
+        (lambda: mask_png(96, 64), "mask is 64x96 (HEIGHTxWIDTH), but the image is 64x64; the mask must"),
+        (lambda: mask_png(64, 96), "mask is 96x64 (HEIGHTxWIDTH), but the image is 64x64"),
         (lambda: image_bytes(64, 64), "no alpha"),
         (lambda: mask_png(64, 64, box=(0, 0, 0, 0)), "no fully transparent"),
         (lambda: b"\x89PNG\r\n\x1a\n not really", "not a supported image"),
@@ -239,6 +272,45 @@ def test_invalid_utf8_in_a_multipart_text_part_is_a_400_as_in_json(client):
     assert "utf-8" in error["message"]
     json_like = client.post(EDITS, content=b'{"prompt": "caf\xe9"}', headers={"content-type": "application/json"})
     assert_error(json_like, 400, None, "invalid_json")
+
+
+@pytest.mark.parametrize("charset", ["rot13", "hex", "base64", "uu", "punycode", "utf-16", "no-such-charset"])
+def test_a_charset_that_is_no_ascii_compatible_text_encoding_is_a_400_naming_it(client, charset):
+    image = data_url(image_bytes(64, 64))
+    body, content_type = multipart([("prompt", b"a cat"), ("image", image.encode())])
+    headers = {"content-type": f"{content_type}; charset={charset}"}
+    error = assert_error(client.post(EDITS, content=body, headers=headers), 400, None, "invalid_multipart")
+    assert f'charset "{charset}" is not a text encoding this server reads' in error["message"]
+
+
+def test_a_long_charset_is_quoted_bounded(client):
+    body, content_type = multipart([("prompt", b"a cat")])
+    headers = {"content-type": f"{content_type}; charset={'x' * 500}"}
+    error = assert_error(client.post(EDITS, content=body, headers=headers), 400, None, "invalid_multipart")
+    assert "(500 characters)" in error["message"] and "x" * 100 not in error["message"]
+
+
+def test_text_the_charset_cannot_decode_is_a_400_naming_the_field(client):
+    # IDNA reads ASCII as itself, but refuses a label that does not round-trip (a plain UnicodeError).
+    body, content_type = multipart([("prompt", b"xn--a-")])
+    headers = {"content-type": f"{content_type}; charset=idna"}
+    error = assert_error(client.post(EDITS, content=body, headers=headers), 400, "prompt")
+    assert "is not valid idna text" in error["message"]
+    # The same in a part's name, which the parser decodes before any field exists.
+    body, content_type = multipart([("xn--a-", b"x")])
+    headers = {"content-type": f"{content_type}; charset=idna"}
+    error = assert_error(client.post(EDITS, content=body, headers=headers), 400, None, "invalid_multipart")
+    assert "header is not valid idna text" in error["message"]
+
+
+def test_a_latin1_multipart_body_is_read_in_its_charset(make_client, gated):
+    client = make_client(backend=gated)
+    body, content_type = multipart(
+        [("prompt", "café".encode("latin-1")), ("image", data_url(image_bytes(64, 64)).encode())]
+    )
+    headers = {"content-type": f"{content_type}; charset=iso-8859-1"}
+    assert client.post(EDITS, content=body, headers=headers).status_code == 200
+    assert gated.requests[-1].prompt == "café"
 
 
 def test_valid_utf8_in_multipart_is_kept(make_client, gated):

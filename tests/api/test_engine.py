@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from pipelines.base import GenerationRequest
-from server.engine import ClientGone, Engine
+from server.engine import BatchCancel, ClientGone, Engine, Job
 from server.errors import Overloaded, Timeout
 from server.metrics import Metrics
 from tests.api.conftest import SMALL, GatedBackend, GatedBatchingBackend, assert_error
@@ -204,6 +204,16 @@ async def engine_held_busy(gated: GatedBackend, **overrides):
     while not gated.started.is_set():
         await asyncio.sleep(0.01)
     return engine, blocker
+
+
+def test_a_batch_tells_the_pipeline_which_of_its_requests_are_gone():
+    jobs = [Job(request=small_request(prompt, seed), key="same", future=None) for seed, prompt in enumerate("ab")]
+    cancel = BatchCancel(jobs)
+    jobs[0].cancelled = True
+    # The batch runs on for the second request; the first gets no more previews (see _DenoisingLoop.after_step).
+    assert (cancel.is_set(), cancel.request_cancelled(0), cancel.request_cancelled(1)) == (False, True, False)
+    jobs[1].cancelled = True
+    assert cancel.is_set()
 
 
 def test_a_client_that_leaves_while_queued_never_reaches_the_gpu(tiny_backend):

@@ -100,6 +100,12 @@ def test_unknown_size_is_rejected(client, size):
     assert "1024x1024" in error["message"]
 
 
+def test_an_upper_case_x_names_the_same_served_size(client):
+    response = generate(client, size="64X64", steps=1)
+    assert only_image(response).size == (64, 64)
+    assert response.json()["size"] == "64x64"
+
+
 def test_extra_sizes_are_configurable(make_client):
     client = make_client(extra_sizes=["128x256"])
     assert only_image(generate(client, size="128x256", steps=1)).size == (256, 128)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import threading
 
 import numpy as np
@@ -12,6 +14,11 @@ from openai import OpenAI
 from PIL import Image
 
 from pipelines.base import Cancelled, PartialImages
+from server.config import Settings
+from server.engine import Engine
+from server.metrics import Metrics
+from server.serving import ClientContext, ImageService
+from server.storage import open_store
 from tests.api.conftest import SMALL, assert_error
 from tests.conftest import decode_png, image_bytes, parse_sse
 
@@ -134,10 +141,12 @@ def test_a_full_queue_is_a_plain_429_before_any_event(make_client, gated):
 class PreviewThenStall:
     """Sends one preview, then works until cancelled: the request's deadline passes mid-stream."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, preview=None) -> None:
         self.inner = inner
         self.info = inner.info
         self.cancelled = threading.Event()
+        # What the preview holds instead of a picture (a test's broken preview).
+        self.preview = preview
 
     def batch_key(self, request):
         return self.inner.batch_key(request)
@@ -147,7 +156,7 @@ class PreviewThenStall:
 
     def generate_batch(self, requests, cancel=None, progress=None):
         # The preview goes out at once, long before the request's deadline however slow the machine.
-        preview = [Image.new("RGB", (requests[0].width, requests[0].height), (90, 120, 200))]
+        preview = [self.preview or Image.new("RGB", (requests[0].width, requests[0].height), (90, 120, 200))]
         if progress is not None:
             progress(0, PartialImages(index=0, images=preview, step=1, steps=requests[0].steps))
         while not cancel.is_set():
@@ -197,3 +206,81 @@ def test_the_openai_sdk_reads_the_stream_and_raises_the_error_event(make_client,
         for _ in stream:
             pass
     assert raised.value.body["code"] == "timeout"
+
+
+# -- a stream's end: the client leaving, a failure after the first event ----------------------------------------
+
+
+async def open_stream(tmp_path, backend, disconnected):
+    """A started streamed generation through the real service and engine: (engine, metrics, event stream)."""
+    metrics = Metrics()
+    settings = Settings(storage_dir=tmp_path / "files", warmup=False, extra_sizes=[SMALL])
+    engine = Engine(max_queue=4, request_timeout=60, metrics=metrics)
+    engine.start([("device-0", backend)])
+    service = ImageService(settings, engine, open_store(settings, metrics), metrics)
+    body = {"prompt": "a kite", "size": SMALL, "steps": 4, "stream": True, "partial_images": 1}
+    fields = service.parse_generation({**body, "response_format": "b64_json"})
+    stream = await service.stream_generation(fields, ClientContext(base_url="http://test", disconnected=disconnected))
+    return engine, metrics, stream
+
+
+def pending_queue_reads() -> list[asyncio.Task]:
+    return [task for task in asyncio.all_tasks() if not task.done() and "Queue.get" in repr(task.get_coro())]
+
+
+@pytest.mark.parametrize("watcher_first", [False, True])
+def test_a_client_leaving_mid_stream_is_counted_once_and_leaves_nothing_pending(tmp_path, tiny_backend, watcher_first):
+    """The stream waits for a preview or the result when the client leaves: the server cancels the task reading the
+    stream (as for any response whose client left). The engine's disconnect watcher may notice first."""
+    backend = PreviewThenStall(tiny_backend)
+
+    async def scenario():
+        left = asyncio.Event()
+
+        async def disconnected() -> bool:
+            return left.is_set()
+
+        engine, metrics, stream = await open_stream(tmp_path, backend, disconnected)
+        frames = aiter(stream)
+        first = await anext(frames)
+        reading = asyncio.create_task(anext(frames))
+        await asyncio.sleep(0.2)
+        left.set()
+        if watcher_first:
+            while metrics.cancellations._value.get() == 0:
+                await asyncio.sleep(0)
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            await reading
+        await asyncio.sleep(0.05)
+        pending = pending_queue_reads()
+        assert await engine.wait_idle(10)
+        await engine.drain(5)
+        return first, pending, metrics.cancellations._value.get()
+
+    first, pending, cancellations = asyncio.run(scenario())
+    assert first.startswith(b"event: image_generation.partial_image")
+    # A read of the preview queue left pending is destroyed with the stream: "Task was destroyed but it is pending!"
+    assert pending == []
+    assert cancellations == 1
+    assert backend.cancelled.wait(10)
+
+
+def test_a_preview_that_fails_to_encode_is_an_error_event_not_a_cancellation(tmp_path, tiny_backend):
+    backend = PreviewThenStall(tiny_backend, preview=object())
+
+    async def scenario():
+        async def disconnected() -> bool:
+            return False
+
+        engine, metrics, stream = await open_stream(tmp_path, backend, disconnected)
+        frames = [frame async for frame in stream]
+        await engine.drain(5)
+        return frames, metrics.cancellations._value.get()
+
+    frames, cancellations = asyncio.run(scenario())
+    assert [frame.split(b"\n")[0] for frame in frames] == [b"event: error"]
+    assert b'"code":"internal_error"' in frames[0]
+    assert cancellations == 0
+    # The job was still stopped: nobody is left to send its result to.
+    assert backend.cancelled.wait(10)

@@ -73,6 +73,46 @@ def test_edit_previews_have_the_input_size(klein_backend, small):
     assert result.images[0].size == (150, 100)
 
 
+class OneRequestGone:
+    """A batch's cancel signal where some requests have left while the batch runs on for the others."""
+
+    def __init__(self) -> None:
+        self.gone: set[int] = set()
+
+    def is_set(self) -> bool:
+        return False
+
+    def request_cancelled(self, index: int) -> bool:
+        return index in self.gone
+
+
+def test_a_request_gone_from_a_running_batch_gets_no_more_previews(klein_backend, small, monkeypatch):
+    decoded_rows = []
+    decode_preview = flux2_klein._DenoisingLoop.decode_preview
+
+    def counting(loop, latents):
+        decoded_rows.append(latents.shape[0])
+        return decode_preview(loop, latents)
+
+    monkeypatch.setattr(flux2_klein._DenoisingLoop, "decode_preview", counting)
+    cancel = OneRequestGone()
+    previews = []
+
+    def receive(index, partial):
+        previews.append(index)
+        # The first request's client leaves once it has its first preview.
+        cancel.gone.add(0)
+
+    first = small("leaves", seed=1, steps=4, n=2, partial_images=3)
+    second = small("stays", seed=2, steps=4, partial_images=3)
+    results = klein_backend.generate_batch([first, second], cancel, progress=receive)
+    # Previews after steps 1, 2 and 3 of 4: both requests at the first, then only the one still there, its one row.
+    assert previews == [0, 1, 1, 1]
+    assert decoded_rows == [2, 1, 1, 1]
+    # The batch ran on: both requests have their images.
+    assert [len(result.images) for result in results] == [2, 1]
+
+
 def test_no_previews_without_a_progress_receiver(klein_backend, small):
     result = klein_backend.generate(small("quiet", steps=3, partial_images=2))
     assert result.details["previews"] == 0 and "previews" not in result.timings_ms

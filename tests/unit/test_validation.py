@@ -123,4 +123,55 @@ def test_a_malformed_size_gets_the_same_message_on_both_endpoints(size):
 
 @pytest.mark.parametrize("size", ["512x512", "1024x1024", "1536X1024", "auto"])
 def test_edits_accept_and_ignore_a_well_formed_size(size):
-    assert parse_fields(EditsBody, {"prompt": "x", "size": size}).size == size
+    assert parse_fields(EditsBody, {"prompt": "x", "size": size}).size == size.lower()
+
+
+SHAPE = '{"image_url": "<base64 or data URL>"}'
+IMAGE_RULE = "a base64-encoded image or data URL string, or an array of them"
+MASK_RULE = f"a base64-encoded image or data URL string, or an object {SHAPE}"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code", "message"),
+    [
+        (
+            {"images": "abc"},
+            "images",
+            "invalid_value",
+            f"images must be an array of objects {SHAPE} (in a JSON body; a form sends image or image[] parts), "
+            'got "abc"',
+        ),
+        ({"images": [{}]}, "images", "missing_required_parameter", "images[0].image_url is required"),
+        (
+            {"images": [{"image_url": "a"}, {"image_url": 5}]},
+            "images",
+            "invalid_value",
+            "images[1].image_url must be a base64-encoded image or data URL string, got 5",
+        ),
+        (
+            {"images": [{"image_url": "a", "detail": "x"}]},
+            "images",
+            "invalid_value",
+            f'images[0] has an unknown key "detail": send {SHAPE}',
+        ),
+        ({"images": [1]}, "images", "invalid_value", f"images[0] must be an object {SHAPE}, got 1"),
+        ({"mask": {}}, "mask", "missing_required_parameter", "mask.image_url is required"),
+        ({"mask": 5}, "mask", "invalid_value", f"mask must be {MASK_RULE}, got 5"),
+        ({"mask": ["a"]}, "mask", "invalid_value", f"mask must be {MASK_RULE}, got an array"),
+        ({"image": [1]}, "image", "invalid_value", "image[0] must be a base64-encoded image or data URL string, got 1"),
+        ({"image": {"image_url": "a"}}, "image", "invalid_value", f"image must be {IMAGE_RULE}, got an object"),
+    ],
+)
+def test_image_fields_say_which_shape_they_take_and_where_a_value_breaks_it(fields, param, code, message):
+    error = invalid(EditsBody, {"prompt": "x", **fields})
+    assert (error.param, error.code, error.message) == (param, code, message)
+
+
+@pytest.mark.parametrize(
+    ("fields", "where"), [({"images": [{"file_id": "file-1"}]}, "images[0]"), ({"mask": {"file_id": "f"}}, "mask")]
+)
+def test_a_file_id_is_refused_as_openais_files_api_which_this_server_lacks(fields, where):
+    error = invalid(EditsBody, {"prompt": "x", **fields})
+    assert (error.param, error.code) == (where.split("[")[0], "unsupported_parameter")
+    assert error.message.startswith(f"{where}.file_id refers to a file uploaded to OpenAI's Files API")
+    assert SHAPE in error.message
