@@ -277,8 +277,12 @@ class RemoteEngine:
             self.metrics.timeouts.inc()
             raise Timeout(f"The request did not finish within {limit:g} seconds.")
         except asyncio.CancelledError:
-            # Serve's proxy cancels the ingress's handler when the client disconnects.
-            self.metrics.cancellations.inc()
+            # Serve's proxy cancels the ingress's handler when the client disconnects: counted here. A streamed
+            # request's probe (one with `claim`, see server/serving.py) says its event stream counts the client's
+            # leaving itself, and that the stream may cancel this call for other reasons (a preview it could not
+            # send), which are no client's cancellation.
+            if getattr(disconnected, "claim", None) is None:
+                self.metrics.cancellations.inc()
             raise
         finally:
             # Whatever ends the wait (result, deadline, client gone, or this task being cancelled because

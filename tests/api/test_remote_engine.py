@@ -261,3 +261,29 @@ def test_a_model_replica_call_cancelled_while_waiting_leaves_no_task_behind():
         assert [task for task in asyncio.all_tasks() if task is not asyncio.current_task()] == []
 
     asyncio.run(scenario())
+
+
+def test_a_cancelled_call_is_counted_once_whether_a_plain_request_or_a_stream_whose_event_stream_counts_it():
+    from server.serving import _ClientProbe
+
+    async def still_there() -> bool:
+        return False
+
+    async def cancelled_count(disconnected) -> float:
+        handle, hold = Handle(), asyncio.Event()
+        remote = engine(handle)
+        handle.plans = [{"messages": [Done(outcome(REQUEST), "r1")], "hold": hold, "die_after": None}]
+        task = asyncio.create_task(remote.submit(REQUEST, disconnected=disconnected))
+        await asyncio.sleep(0.05)
+        if isinstance(disconnected, _ClientProbe):
+            assert disconnected.claim()  # the event stream saw its client leave and counted it
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert handle.streams[0].cancelled and remote.outstanding == 0
+        return remote.metrics.cancellations._value.get()
+
+    # Serve's proxy cancels the handler of a plain request whose client left: the engine counts it.
+    assert asyncio.run(cancelled_count(still_there)) == 1
+    # A streamed request: its event stream counted the leaving; the engine does not count it again.
+    assert asyncio.run(cancelled_count(_ClientProbe(still_there))) == 0
