@@ -65,6 +65,7 @@ class ExternalEngine(Protocol):
         timeout: float | None = None,
         disconnected: Callable[[], Awaitable[bool]] | None = None,
         on_partial: Callable[[Any], None] | None = None,
+        encoding: Any = None,  # an engine.Encoding: how the caller will encode the images
     ) -> Any: ...
 
     async def ready(self) -> bool: ...

@@ -233,29 +233,24 @@ class DrainingServer(uvicorn.Server):
                 self.state.engine.outstanding,
                 self.state.settings.drain_timeout,
             )
-            self._start(self._drain_then_exit())
+            self._start(self._then_exit(self.state.drain()))
         else:
             logger.warning(
                 "%s again: stopping now; %d request(s) queued or running are answered 503",
                 name,
                 self.state.engine.outstanding,
             )
-            self._start(self._stop_now())
+            self._start(self._then_exit(self.state.stop_now()))
 
     def _start(self, coroutine: typing.Coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _drain_then_exit(self) -> None:
+    async def _then_exit(self, stopping: typing.Awaitable[None]) -> None:
+        """Await the drain (or the stop) that a signal started, then let uvicorn shut down, whatever happened."""
         try:
-            await self.state.drain()
-        finally:
-            self.should_exit = True
-
-    async def _stop_now(self) -> None:
-        try:
-            await self.state.stop_now()
+            await stopping
         finally:
             self.should_exit = True
 

@@ -68,13 +68,15 @@ class Encoding:
     format: str
     quality: int | None = None
 
+    def encode(self, pictures: list[Any]) -> list[bytes]:
+        return [images.encode_image(picture, self.format, self.quality) for picture in pictures]
+
 
 def encode_outcome(outcome: EngineResult, encoding: Encoding) -> EngineResult:
     """The outcome with its images encoded as `encoding` asks and its pixels dropped; the time it took is the
     result's encode_image stage."""
     started = time.perf_counter()
-    pictures = outcome.result.images
-    encoded = [images.encode_image(picture, encoding.format, encoding.quality) for picture in pictures]
+    encoded = encoding.encode(outcome.result.images)
     timings = {**outcome.result.timings_ms, "encode_image": (time.perf_counter() - started) * 1000}
     result = dataclasses.replace(outcome.result, images=[], timings_ms=timings)
     return dataclasses.replace(outcome, result=result, encoded=encoded)

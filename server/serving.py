@@ -177,10 +177,6 @@ class ImageService:
 
     # -- running ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def _encode(fields: ImageFields, pictures: list[Image.Image]) -> list[bytes]:
-        return [images.encode_image(picture, fields.output_format, fields.output_compression) for picture in pictures]
-
     def _deliver(self, fields: ImageFields, seeds: list[int], payloads: list[bytes], base_url: str) -> list[ImageData]:
         """Each encoded image inline (b64_json) or stored behind a URL."""
         data = []
@@ -248,12 +244,13 @@ class ImageService:
         if fields.response_format == "url":
             # Refused before the engine: no compute is spent on a result that could not be stored.
             self.store.require_healthy()
+        encoding = encoding_of(fields)
         outcome = await self.engine.submit(
             request,
             timeout=client.timeout,
             disconnected=client.disconnected,
             on_partial=on_partial,
-            encoding=Encoding(fields.output_format, fields.output_compression),
+            encoding=encoding,
         )
         result = outcome.result
 
@@ -261,7 +258,7 @@ class ImageService:
 
         def deliver() -> list[ImageData]:
             # PNG/JPEG encoding of several megapixels is CPU work: keep it off the event loop.
-            payloads = outcome.encoded if outcome.encoded is not None else self._encode(fields, result.images)
+            payloads = outcome.encoded if outcome.encoded is not None else encoding.encode(result.images)
             return self._deliver(fields, result.seeds, payloads, client.base_url)
 
         data = await asyncio.to_thread(deliver)
@@ -429,8 +426,8 @@ class EventStream:
     def _preview_frames(self, partial: PartialImages) -> list[bytes]:
         fields = self.fields
         frames = []
-        for image_index, picture in enumerate(partial.images):
-            payload = images.encode_image(picture, fields.output_format, fields.output_compression)
+        payloads = encoding_of(fields).encode(partial.images)
+        for image_index, (picture, payload) in enumerate(zip(partial.images, payloads)):
             event = ImageStreamEvent(
                 type=f"{self.prefix}.partial_image",  # type: ignore[arg-type]
                 created_at=int(time.time()),
@@ -462,6 +459,11 @@ class EventStream:
             )
             frames.append(_frame(event.type, event.to_wire()))
         return frames
+
+
+def encoding_of(fields: ImageFields) -> Encoding:
+    """How the client asked for its images (and previews) to be encoded."""
+    return Encoding(fields.output_format, fields.output_compression)
 
 
 def _frame(event: str, data: dict[str, Any]) -> bytes:
