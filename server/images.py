@@ -361,6 +361,15 @@ def file_extension(fmt: str) -> str:
     return _EXTENSIONS[_format_key(fmt)]
 
 
+def media_type_of_file(name: str) -> str:
+    """The media type of a file named with one of file_extension's extensions (a stored result)."""
+    extension = name.rsplit(".", 1)[-1]
+    formats = [fmt for fmt, known in _EXTENSIONS.items() if known == extension]
+    if not formats:
+        raise ValueError(f"not a result file name: {name!r}")
+    return _MEDIA_TYPES[formats[0]]
+
+
 def _format_key(fmt: str) -> str:
     key = fmt.lower() if isinstance(fmt, str) else None
     if key not in _PILLOW_FORMATS:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server import errors
+from server import errors, images
 
 if TYPE_CHECKING:
     from server.config import Settings
@@ -368,6 +368,7 @@ def _strerror(exc: OSError) -> str:
 # S3 error codes that mean "no room" (507); everything else is "unavailable" (503).
 _FULL_CODES = {"EntityTooLarge", "QuotaExceeded", "XMinioStorageFull", "InsufficientStorage", "507"}
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
+_DENIED_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 _CREDENTIALS_HINT = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws or an instance role"
 
 
@@ -416,11 +417,11 @@ class BucketStore(ResultStore):
         if isinstance(exc, EndpointConnectionError):
             return f"{setting('s3_endpoint_url')}: cannot connect to the S3 endpoint {exc.kwargs.get('endpoint_url')}"
         if isinstance(exc, ClientError):
-            code = str(exc.response.get("Error", {}).get("Code", ""))
+            code = _client_error_code(exc) or ""
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in ("NoSuchBucket", "404") or (status == 404 and what == "reach the bucket"):
                 return f"{setting('s3_bucket')}: the bucket {self.bucket!r} does not exist"
-            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
+            if code in _DENIED_CODES or status == 403:
                 return (
                     f"{setting('s3_bucket')}: not allowed to {what} {self.bucket!r} ({code or status}); check the "
                     f"AWS credentials ({_CREDENTIALS_HINT}) and their permissions"
@@ -429,8 +430,7 @@ class BucketStore(ResultStore):
         return f"{setting('storage')}: cannot {what} {self.bucket!r}: {_describe(exc)}"
 
     def _put(self, name: str, data: bytes) -> None:
-        extension = name.rsplit(".", 1)[1]
-        content_type = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}[extension]
+        content_type = images.media_type_of_file(name)
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data, ContentType=content_type)
         except Exception as exc:
@@ -506,7 +506,7 @@ class BucketStore(ResultStore):
             code = _client_error_code(exc)
             if code in _FULL_CODES:
                 return StorageFault("the bucket is full or refuses an object this large", detail, full=True)
-            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            if code in _DENIED_CODES:
                 return StorageFault("the bucket refused access", detail)
             if code in ("NoSuchBucket",):
                 return StorageFault("the bucket does not exist", detail)

@@ -298,12 +298,10 @@ async def stored_file(name: str, request: Request) -> Response:
     found = await asyncio.to_thread(request.app.state.stepimage.store.fetch, name)
     if found is None:
         raise NotFound("No such file: the link is unknown or has expired.")
-    extension = name.rsplit(".", 1)[1]
-    fmt = {"jpg": "jpeg"}.get(extension, extension)
     # Streamed in chunks, so a large result never sits whole in memory; closed even if the client leaves early.
     return StreamingResponse(
         found.chunks,
-        media_type=images.media_type(fmt),
+        media_type=images.media_type_of_file(name),
         headers={"cache-control": f"private, max-age={int(found.seconds_left)}", "content-length": str(found.size)},
         background=BackgroundTask(found.close),
     )
