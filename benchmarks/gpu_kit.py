@@ -36,7 +36,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -47,6 +46,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from benchmarks.stats import free_port, server_ready
 
 REPO = Path(__file__).resolve().parent.parent
 # In order of what the README needs most, should the budget run out: the pipeline figures first, then the test
@@ -453,28 +454,6 @@ def stage_memory(plan: Plan, folder: Path, budget: Budget) -> dict[str, Any]:
     return {"exit_code": code, "refused": refused, **({"report": "memory.json"} if out.is_file() else {})}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(base: str, process: subprocess.Popen, timeout: float) -> bool:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return False
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    return False
-
-
 def stop(process: subprocess.Popen, grace: float = 60) -> int:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -517,7 +496,7 @@ def stage_serving(plan: Plan, folder: Path, budget: Budget) -> dict[str, Any]:
         for server in servers:
             entry: dict[str, Any] = {}
             results[server.label] = entry
-            if wait_ready(server.base, server.process, min(plan.server_ready_s, budget.left())):
+            if server_ready(server.base, server.process, min(plan.server_ready_s, budget.left()), poll_s=1):
                 entry["ready_s"] = round(time.monotonic() - server.started, 1)
             else:
                 entry["error"] = "the server never became ready (see its log)"

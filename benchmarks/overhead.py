@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,17 +31,19 @@ from typing import Any
 import httpx
 
 from benchmarks.assets import test_image
-from benchmarks.stats import machine, parse_server_timing, percentile, summary_ms, write_report
+from benchmarks.stats import (
+    free_port,
+    machine,
+    parse_server_timing,
+    percentile,
+    server_ready,
+    summary_ms,
+    write_report,
+)
 from server.protocol import DEFAULT_SIZES
 
 PIPELINE_STAGES = ("encode_prompt", "denoise", "decode")
 COMBINATIONS = [(fmt, response) for response in ("b64_json", "url") for fmt in ("png", "jpeg", "webp")]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(port: int, storage: Path, log: Path, size: str) -> subprocess.Popen:
@@ -108,17 +109,9 @@ def serve_natural(port: int, storage: str, size: str) -> None:
 
 
 def wait_ready(base: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("the server exited before it was ready")
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the server was not ready in time")
+    if not server_ready(base, process, timeout):
+        exited = process.poll() is not None
+        raise RuntimeError("the server exited before it was ready" if exited else "the server was not ready in time")
 
 
 def measure(client: httpx.Client, base: str, fmt: str, response_format: str, size: str, repeats: int) -> dict:
@@ -163,7 +156,7 @@ def start(content: str, port: int, tmp: Path, size: str):
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for content in args.content.split(","):
-        port = _free_port()
+        port = free_port()
         base = f"http://127.0.0.1:{port}"
         with tempfile.TemporaryDirectory(prefix="stepimage-overhead-") as tmp:
             process = start(content, port, Path(tmp), args.size)

@@ -35,8 +35,8 @@ from typing import Any
 
 import httpx
 
-from benchmarks.overhead import PIPELINE_STAGES, _free_port, start_server, wait_ready
-from benchmarks.stats import machine, parse_server_timing, percentile, summary_ms, write_report
+from benchmarks.overhead import PIPELINE_STAGES, start_server, wait_ready
+from benchmarks.stats import free_port, machine, parse_server_timing, percentile, summary_ms, write_report
 from server.protocol import DEFAULT_SIZES
 
 APP = "stepimage-bench"
@@ -217,12 +217,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["uptime_before"] = uptime()
     with tempfile.TemporaryDirectory(prefix="stepimage-ray-bench-") as tmp, one_thread_per_model():
         tmp_path = Path(tmp)
-        port = _free_port()
+        port = free_port()
         single_base = f"http://127.0.0.1:{port}"
         process = start_server(port, tmp_path / "single-files", tmp_path / "single.log", args.size)
         ray.init(num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024 * 1024, log_to_driver=False)
         try:
-            ray_port = _free_port()
+            ray_port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": ray_port})
             ray_base = f"http://127.0.0.1:{ray_port}"
             deploy(ray_base, 1, args.size, tmp_path / "ray-files")
@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 single.close()
                 ray_client.close()
-            second_port = _free_port()
+            second_port = free_port()
             second = start_server(second_port, tmp_path / "second-files", tmp_path / "second.log", args.size)
             try:
                 wait_ready(f"http://127.0.0.1:{second_port}", second)

@@ -1,4 +1,6 @@
-"""Shared pieces of the benchmark tools: percentiles, server-timing parsing, machine description, plots."""
+"""Shared pieces of the benchmark tools: percentiles, server-timing parsing, machine description, plots, and
+starting on a free port and waiting for the servers they measure. Standard library only at import: the GPU kit
+imports it before it has installed anything."""
 
 from __future__ import annotations
 
@@ -6,7 +8,10 @@ import json
 import math
 import os
 import platform
+import socket
 import statistics
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +111,26 @@ def plot_points(points: list[dict[str, Any]], x_key: str, x_label: str, title: s
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_ready(base: str, process: subprocess.Popen, timeout: float, poll_s: float = 0.2) -> bool:
+    """Whether the server at `base` said 200 on /ready within `timeout` seconds; False at once if it exited."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll_s)
+    return False
