@@ -6,6 +6,9 @@ export const ENDPOINTS = {
   edit: "/v1/images/edits",
 };
 
+// The file extension of each output_format, as the server names its stored results.
+export const EXTENSIONS = { png: "png", jpeg: "jpg", webp: "webp" };
+
 // The stages the server reports in its server-timing header, in the order they happen.
 export const STAGES = ["queue", "encode_prompt", "denoise", "previews", "decode", "encode_image"];
 

@@ -2,7 +2,7 @@
 // Everything stays in this tab; the only requests are to this server's public API (and /ui/config.json,
 // which describes the server).
 
-import { ApiError, STAGES, describeError, fetchJson, runImageRequest } from "./api.js";
+import { ApiError, EXTENSIONS, STAGES, describeError, fetchJson, runImageRequest } from "./api.js";
 import { MaskPainter } from "./mask.js";
 import { curlCommand, pythonCode } from "./snippets.js";
 
@@ -48,8 +48,6 @@ function blobFromBase64(b64, format) {
   const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
   return new Blob([bytes], { type: `image/${format}` });
 }
-
-const EXTENSIONS = { png: "png", jpeg: "jpg", webp: "webp" };
 
 // File names travel into curl and Python snippets: keep them to characters no shell or form parser minds.
 function safeName(name, fallback) {

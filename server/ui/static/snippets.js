@@ -2,14 +2,13 @@
 // the openai SDK, so the page teaches the API. The key is never written out: both read it from
 // $STEPIMAGE_API_KEY. Input files are named as the page offers them for download.
 
-import { ENDPOINTS } from "./api.js";
+import { ENDPOINTS, EXTENSIONS } from "./api.js";
 
 // The openai SDK's own keyword arguments; every other field is this API's extension and goes in extra_body.
 const SDK_ARGUMENTS = new Set([
   "model", "prompt", "n", "size", "response_format", "output_format", "output_compression", "stream",
   "partial_images",
 ]);
-const EXTENSIONS = { png: "png", jpeg: "jpg", webp: "webp" };
 
 function shellQuote(text) {
   return `'${String(text).replace(/'/g, `'\\''`)}'`;
