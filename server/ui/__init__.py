@@ -16,7 +16,7 @@ from typing import Any
 
 from pipelines.base import BackendInfo
 from server.config import Settings
-from server.protocol import DEFAULT_SIZE, EditsBody, GenerationsBody, ImageFields
+from server.protocol import DEFAULT_SIZE, GenerationsBody
 
 _MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -70,16 +70,6 @@ def load_assets() -> dict[str, Asset]:
     return assets
 
 
-def api_features() -> dict[str, bool]:
-    """What this server's wire models accept, so the page offers only what the API will take."""
-    image_field = str(EditsBody.model_fields["image"].annotation)
-    return {
-        "stream": "stream" in ImageFields.model_fields and "partial_images" in ImageFields.model_fields,
-        "mask": "mask" in EditsBody.model_fields,
-        "multiple_images": "images" in EditsBody.model_fields or "list" in image_field,
-    }
-
-
 _LIMIT_KEYS = ("default", "minimum", "maximum", "maxLength", "enum")
 
 
@@ -111,5 +101,4 @@ def page_config(settings: Settings, info: BackendInfo | None, ready: bool) -> di
         "ready": ready,
         "model": model,
         "fields": _field_limits(),
-        "features": api_features(),
     }

@@ -7,7 +7,6 @@ import base64
 import io
 import json
 
-import httpx
 import numpy as np
 from PIL import Image
 
@@ -32,10 +31,6 @@ def picture(width: int, height: int, seed: int = 0) -> bytes:
 
 def file_payload(name: str, data: bytes) -> dict:
     return {"name": name, "mimeType": "image/png", "buffer": data}
-
-
-def features(base_url: str) -> dict[str, bool]:
-    return httpx.get(base_url + "/ui/config.json").json()["features"]
 
 
 def fill(page, prompt: str, *, seed: int | None = None, steps: int | None = 2, size: str = SMALL, previews: int = 0):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from tests.browser.conftest import DESKTOP, PHONE
-from tests.browser.helpers import RESULTS, features, file_payload, fill, send
+from tests.browser.helpers import RESULTS, file_payload, fill, send
 
 pytestmark = pytest.mark.browser
 
@@ -45,12 +45,11 @@ def edit_in_progress(page, base_url: str) -> None:
     page.get_by_label("Edit", exact=True).check()
     page.get_by_label("Image", exact=True).set_input_files(file_payload("landscape.png", scene()))
     page.get_by_text("Edited · landscape.png").wait_for()
-    if features(base_url)["mask"]:
-        box = page.locator("#mask-canvas").bounding_box()
-        page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.83)
-        page.mouse.down()
-        page.mouse.move(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.83, steps=6)
-        page.mouse.up()
+    box = page.locator("#mask-canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.83)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.83, steps=6)
+    page.mouse.up()
     fill(page, "put a small red boat on the lake", seed=7, steps=4)
     send(page, "Edit")
 

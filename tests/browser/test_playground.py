@@ -16,7 +16,6 @@ from tests.browser.conftest import KEY, OPEN_MAX_QUEUE, PHONE, SMALL
 from tests.browser.helpers import (
     RESULTS,
     decoded,
-    features,
     file_payload,
     fill,
     picture,
@@ -158,8 +157,6 @@ def test_edit_this_result_chains_edits(page):
 
 
 def test_paint_a_mask_over_the_image(page, open_server):
-    if not features(open_server.base_url)["mask"]:
-        pytest.skip("this server's API does not take a mask yet")
     source = picture(160, 128, seed=5)
     page.get_by_label("Edit", exact=True).check()
     page.get_by_label("Image", exact=True).set_input_files(file_payload("room.png", source))
@@ -198,8 +195,6 @@ def test_paint_a_mask_over_the_image(page, open_server):
 
 
 def test_several_reference_images(page, open_server):
-    if not features(open_server.base_url)["multiple_images"]:
-        pytest.skip("this server's API does not take several images yet")
     first, second = picture(112, 80, seed=1), picture(64, 64, seed=2)
     page.get_by_label("Edit", exact=True).check()
     page.get_by_label("Image", exact=True).set_input_files(
@@ -217,7 +212,6 @@ def test_several_reference_images(page, open_server):
 
 
 def test_drop_and_paste_add_images(page, open_server):
-    many = features(open_server.base_url)["multiple_images"]
     page.get_by_label("Edit", exact=True).check()
     data = base64.b64encode(picture(80, 80, seed=9)).decode()
     make_transfer = """([b64, name]) => {
@@ -234,15 +228,12 @@ def test_drop_and_paste_add_images(page, open_server):
             {{clipboardData: ({make_transfer})([b64, name]), bubbles: true}}))""",
         [data, "pasted.png"],
     )
-    expected = "Reference · pasted.png · 80x80" if many else "Edited · pasted.png · 80x80"
-    page.get_by_text(expected).wait_for()
+    page.get_by_text("Reference · pasted.png · 80x80").wait_for()
     # Text pasted into the prompt stays ordinary pasting.
     assert page.get_by_label("Prompt", exact=True).input_value() == ""
 
 
 def test_partial_images_arrive_before_the_result(page, open_server):
-    if not features(open_server.base_url)["stream"]:
-        pytest.skip("this server's API does not stream yet")
     # Record every picture the page shows in the results area, however briefly.
     page.evaluate(
         """() => {

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser.conftest import KEY
-from tests.browser.helpers import features, file_payload, fill, picture, response_images, send, sse_events
+from tests.browser.helpers import file_payload, fill, picture, response_images, send, sse_events
 
 pytestmark = pytest.mark.browser
 
@@ -79,18 +79,17 @@ def test_generation_as_python_and_curl(page, tmp_path, curl):
 
 
 def test_edit_with_a_drawn_seed_as_python_and_curl(page, open_server, tmp_path, curl):
-    wire = features(open_server.base_url)
     page.get_by_label("Edit", exact=True).check()
-    files = [file_payload("first image.png", picture(96, 80, seed=1))]
-    if wire["multiple_images"]:
-        files.append(file_payload("second.png", picture(64, 64, seed=2)))
+    files = [
+        file_payload("first image.png", picture(96, 80, seed=1)),
+        file_payload("second.png", picture(64, 64, seed=2)),
+    ]
     page.get_by_label("Image", exact=True).set_input_files(files)
-    if wire["mask"]:
-        box = page.locator("#mask-canvas").bounding_box()
-        page.mouse.move(box["x"] + 10, box["y"] + 10)
-        page.mouse.down()
-        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=4)
-        page.mouse.up()
+    box = page.locator("#mask-canvas").bounding_box()
+    page.mouse.move(box["x"] + 10, box["y"] + 10)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=4)
+    page.mouse.up()
     fill(page, TRICKY_PROMPT)  # no seed: the server draws one, and the snippet writes it in
     answer = send(page, "Edit")
     seed = answer.json()["data"][0]["seed"]
@@ -98,8 +97,7 @@ def test_edit_with_a_drawn_seed_as_python_and_curl(page, open_server, tmp_path, 
 
     names = download_inputs(page, tmp_path)
     # File names are made safe for a shell and a form.
-    expected = ["first-image.png"] + (["second.png"] if wire["multiple_images"] else [])
-    assert names == expected + (["mask.png"] if wire["mask"] else [])
+    assert names == ["first-image.png", "second.png", "mask.png"]
     python = copied(page, "Python")
     assert f'"seed": {seed}' in python
     run_python(python, tmp_path)
@@ -130,8 +128,6 @@ def test_snippets_read_the_key_from_the_environment(new_page, keyed_server, tmp_
 
 
 def test_streamed_request_as_python_and_curl(page, open_server, tmp_path, curl):
-    if not features(open_server.base_url)["stream"]:
-        pytest.skip("this server's API does not stream yet")
     fill(page, "streamed", seed=8, steps=4, previews=1)
     image = response_images(send(page))[0]
     python = copied(page, "Python")

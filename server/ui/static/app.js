@@ -118,16 +118,11 @@ function applyConfig(config) {
     $(id).value = fields[name].default;
   }
   $("n").max = config.max_n;
-  if (config.features.stream) {
-    const most = fields.partial_images.maximum;
-    const choices = [option("0", "Off")];
-    for (let count = 1; count <= most; count += 1) choices.push(option(String(count), `${count} per image`));
-    $("partial-images").replaceChildren(...choices);
-    $("partial-images").value = String(Math.min(2, most));
-    $("partials-field").hidden = false;
-  }
-  $("image-input").multiple = config.features.multiple_images;
-  $("references-hint").hidden = !config.features.multiple_images;
+  const most = fields.partial_images.maximum;
+  const choices = [option("0", "Off")];
+  for (let count = 1; count <= most; count += 1) choices.push(option(String(count), `${count} per image`));
+  $("partial-images").replaceChildren(...choices);
+  $("partial-images").value = String(Math.min(2, most));
   updateMode();
   $("submit").disabled = false;
   if (config.keys_required && !state.key) askForKey();
@@ -200,7 +195,7 @@ function updateMode() {
   $("size-field").hidden = editing;
   $("edit-size-note").hidden = !editing;
   // The mask is painted at the first image's size, so it needs a picture this browser can show.
-  $("mask-editor").hidden = !editing || !state.inputs[0]?.width || !state.config?.features.mask;
+  $("mask-editor").hidden = !editing || !state.inputs[0]?.width;
 }
 
 for (const radio of form.elements.mode) radio.addEventListener("change", updateMode);
@@ -236,8 +231,7 @@ async function addInputs(blobs, { replace = false } = {}) {
   if (!added.length) return;
   const firstChanged = replace || !state.inputs.length;
   if (replace) releaseInputs();
-  const allowMany = state.config?.features.multiple_images ?? true;
-  state.inputs = allowMany ? [...state.inputs, ...added] : added.slice(0, 1);
+  state.inputs = [...state.inputs, ...added];
   // The same name twice would make the curl and Python snippets ambiguous.
   const seen = new Set();
   for (const input of state.inputs) {
@@ -367,7 +361,7 @@ function collectFields() {
     output_format: value("output-format"),
     output_compression: value("output-format") === "png" ? undefined : number("output-compression"),
   };
-  const partials = state.config.features.stream ? Number(value("partial-images")) : 0;
+  const partials = Number(value("partial-images"));
   if (partials > 0) {
     fields.stream = true;
     fields.partial_images = partials;
@@ -380,7 +374,7 @@ async function buildSpec() {
   if (spec.mode === "edit") {
     spec.images = state.inputs.map((input) => ({ ...input }));
     for (const input of state.inputs) input.inHistory = true;
-    const maskBlob = state.config.features.mask && state.inputs.length ? await painter.toBlob() : null;
+    const maskBlob = state.inputs.length ? await painter.toBlob() : null;
     if (maskBlob) spec.mask = { blob: maskBlob, name: "mask.png", url: URL.createObjectURL(maskBlob) };
   }
   return spec;
@@ -614,7 +608,7 @@ function restore(entry) {
   $("output-format").value = fields.output_format;
   $("output-compression").value = fields.output_compression ?? "";
   $("quality-field").hidden = fields.output_format === "png";
-  if (state.config.features.stream) $("partial-images").value = String(fields.partial_images || 0);
+  $("partial-images").value = String(fields.partial_images || 0);
   if (entry.spec.mode === "edit") {
     state.inputs = entry.spec.images.map((image) => ({ ...image, inHistory: true }));
     resetMask();
